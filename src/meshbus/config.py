@@ -1,0 +1,202 @@
+"""The router's configuration: the TOML schema, its defaults, loading and validation.
+
+1. This module owns the schema every other module reads (`RouterConfig` and its tables) and the
+   error messages a user sees for a bad configuration file: file, line, field, and what to do.
+2. It must not start anything, open sockets or configure logging: it only turns a file into values.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from meshbus.router.addressing import (
+    DEFAULT_RULES,
+    AddressRule,
+    Distribution,
+    DistributionRules,
+    check_pattern,
+    check_prefix,
+)
+
+SaslMechanism = Literal["ANONYMOUS", "PLAIN"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the file, line and field."""
+
+
+class _Table(BaseModel):
+    # TOML values are typed already: a port written as "5672" is a mistake to report, not to coerce.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RouterSettings(_Table):
+    """The [router] table."""
+
+    id: str = Field(default_factory=lambda: f"meshbus-{socket.gethostname()}", min_length=1)
+    log_level: LogLevel = "info"
+    # Relative to the configuration file's directory (`load_config` makes it absolute).
+    users_file: Path | None = Field(default=None, strict=False)
+
+
+class ListenerConfig(_Table):
+    """One [[listener]] table: where the router accepts connections, and on which terms."""
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=5672, ge=0, le=65535)  # 0: any free port
+    sasl_mechanisms: list[SaslMechanism] = Field(default=["ANONYMOUS", "PLAIN"], min_length=1)
+    authenticate_peer: bool = False  # checked after sasl_mechanisms, which it depends on
+    idle_timeout: float = Field(default=16.0, ge=0)  # seconds; 0 disables
+    max_frame_size: int = Field(default=65536, ge=512, le=2**32 - 1)
+    link_capacity: int = Field(default=250, ge=1)
+    max_message_size: int = Field(default=0, ge=0)  # bytes; 0: unlimited
+
+    @field_validator("sasl_mechanisms")
+    @classmethod
+    def _each_mechanism_once(cls, mechanisms: list[SaslMechanism]) -> list[SaslMechanism]:
+        for mechanism in mechanisms:
+            if mechanisms.count(mechanism) > 1:
+                raise ValueError(f'"{mechanism}" is listed twice; list each mechanism once')
+        return mechanisms
+
+    @field_validator("authenticate_peer")
+    @classmethod
+    def _plain_offered(cls, authenticate: bool, info: ValidationInfo) -> bool:
+        if authenticate and "PLAIN" not in info.data.get("sasl_mechanisms", ["PLAIN"]):
+            raise ValueError('true needs "PLAIN" in sasl_mechanisms; add it there, or set false')
+        return authenticate
+
+
+class AddressConfig(_Table):
+    """One [[address]] table: a distribution rule, added after the built-in ones."""
+
+    prefix: Annotated[str, AfterValidator(check_prefix)] | None = None
+    pattern: Annotated[str, AfterValidator(check_pattern)] | None = None
+    distribution: Distribution = Field(default=Distribution.BALANCED, strict=False)
+
+    @model_validator(mode="after")
+    def _one_of_prefix_and_pattern(self) -> AddressConfig:
+        self.rule()
+        return self
+
+    def rule(self) -> AddressRule:
+        return AddressRule(prefix=self.prefix, pattern=self.pattern, distribution=self.distribution)
+
+
+class RouterConfig(_Table):
+    """A whole configuration file."""
+
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    listener: list[ListenerConfig] = Field(default_factory=lambda: [ListenerConfig()])
+    address: list[AddressConfig] = Field(default_factory=list)
+
+    def distribution_rules(self) -> DistributionRules:
+        """The built-in rules followed by the configured ones (which win ties)."""
+        return DistributionRules([*DEFAULT_RULES, *(address.rule() for address in self.address)])
+
+
+def default_config() -> RouterConfig:
+    """The configuration used when no file is given: one listener on 127.0.0.1:5672."""
+    return RouterConfig()
+
+
+def load_config(path: Path) -> RouterConfig:
+    """Read and check a TOML configuration file; raise ConfigError saying what to fix."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file; check the path") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text; save the file as UTF-8") from None
+    try:
+        config = RouterConfig.model_validate(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(_syntax_error(path, exc)) from None
+    except ValidationError as exc:
+        lines = text.splitlines()
+        raise ConfigError("\n".join(_describe(path, lines, error) for error in exc.errors())) from None
+    if config.router.users_file is not None:
+        config.router.users_file = (path.parent / config.router.users_file).resolve()
+    return config
+
+
+def _syntax_error(path: Path, exc: tomllib.TOMLDecodeError) -> str:
+    # tomllib puts the position at the end of its message: "Invalid value (at line 3, column 8)".
+    found = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", str(exc))
+    if found is None:
+        return f"{path}: invalid TOML: {exc}"
+    message, line, column = found.groups()
+    return f"{path}:{line}:{column}: invalid TOML: {message}"
+
+
+def _describe(path: Path, lines: list[str], error: ErrorDetails) -> str:
+    loc: tuple[str | int, ...] = error["loc"]
+    field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    line = _find_line(lines, loc)
+    where = f"{path}:{line}" if line is not None else str(path)
+    if error["type"] == "extra_forbidden":
+        allowed = ", ".join(_model_at(loc[:-1]).model_fields)
+        return f"{where}: {field}: unknown field; the fields allowed here are {allowed}"
+    if error["type"] == "value_error":  # ours: the message quotes what matters of the value
+        return f"{where}: {field}: {error['ctx']['error']}"
+    if isinstance(error["input"], dict):  # a whole table: its contents would be noise
+        return f"{where}: {field}: {error['msg']}"
+    return f"{where}: {field}: {error['msg']} (got {json.dumps(error['input'], default=str)})"
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel]:
+    # Only [router], [[listener]] and [[address]] hold tables, so the first field name says which.
+    tables: dict[str | int, type[BaseModel]] = {
+        "router": RouterSettings,
+        "listener": ListenerConfig,
+        "address": AddressConfig,
+    }
+    return tables[loc[0]] if loc else RouterConfig
+
+
+def _find_line(lines: list[str], loc: tuple[str | int, ...]) -> int | None:
+    # tomllib keeps no positions: find the table's header, then the key inside that table.
+    table, *rest = loc
+    name = re.escape(str(table))
+    header, nth = rf"\[\s*{name}\s*\]", 0
+    if rest and isinstance(rest[0], int):  # the nth table of an array of tables: [[listener]]
+        header, nth, rest = rf"\[\[\s*{name}\s*\]\]", rest[0], rest[1:]
+    starts = [n for n, text in enumerate(lines) if re.fullmatch(rf"\s*{header}\s*(#.*)?", text)]
+    if nth >= len(starts):
+        return _key_line(lines, 0, str(table))  # not a table: perhaps `table = ...` at the top
+    if rest and isinstance(rest[0], str):
+        return _key_line(lines, starts[nth] + 1, rest[0]) or starts[nth] + 1
+    return starts[nth] + 1
+
+
+def _key_line(lines: list[str], start: int, key: str) -> int | None:
+    pattern = re.compile(rf"\s*(?:{re.escape(key)}|\"{re.escape(key)}\"|'{re.escape(key)}')\s*=")
+    for n in range(start, len(lines)):
+        if lines[n].lstrip().startswith("["):
+            return None
+        if pattern.match(lines[n]):
+            return n + 1
+    return None

@@ -1,0 +1,167 @@
+"""One AMQP connection on a socket: bytes in and out of its proton transport, and SASL before that.
+
+Rules of this module:
+1. It moves bytes: socket -> SASL (ours, see sasl.py) -> proton transport -> socket. It handles no events:
+   the shared collector's events are the Engine's (engine.py) to dispatch.
+2. It owns the life of its proton objects and frees them exactly once, when the socket is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from cproton_ffi import ffi, lib
+
+from meshbus.amqp.pn import CData
+from meshbus.amqp.sasl import SaslError, SaslServer, SaslState
+from meshbus.config import ListenerConfig
+
+if TYPE_CHECKING:
+    from meshbus.amqp.engine import Engine
+
+log = logging.getLogger("meshbus.connection")
+
+# Writes beyond this many buffered bytes mark the connection slow: the router stops sending to it.
+WRITE_HIGH_WATER = 1 << 20
+
+
+class AmqpConnection(asyncio.Protocol):
+    """The asyncio side of one client connection."""
+
+    def __init__(self, engine: Engine, listener: ListenerConfig) -> None:
+        self.engine = engine
+        self.listener = listener
+        self.socket: asyncio.Transport | None = None
+        self.peer = "?"
+        self.container: str | None = None
+        self.user: str | None = None
+        self.sasl: SaslServer | None = SaslServer(
+            listener.sasl_mechanisms, allow_no_sasl=not listener.authenticate_peer
+        )
+        self.transport: CData = ffi.NULL
+        self.connection: CData = ffi.NULL
+        self.links: set[CData] = set()
+        self.deadline = 0  # next pn_transport_tick, ms (monotonic); 0 = none
+        self.slow_since: float | None = None
+        self.reason: str | None = None
+        self.verifying = False  # a password check is running off the event loop
+        self.freed = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        socket: asyncio.Transport = transport  # type: ignore[assignment]  # a stream transport; uvloop's is no subclass
+        self.socket = socket
+        socket.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.transport = lib.pn_transport()
+        lib.pn_transport_set_server(self.transport)
+        lib.pn_transport_require_auth(self.transport, False)
+        lib.pn_transport_set_max_frame(self.transport, self.listener.max_frame_size)
+        lib.pn_transport_set_idle_timeout(self.transport, int(self.listener.idle_timeout * 1000))
+        self.connection = self.engine.new_connection(self)
+        lib.pn_transport_bind(self.transport, self.connection)
+        self.engine.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.sasl is not None:
+            data = self._negotiate(data)
+            if not data:
+                return
+        self.push(data)
+
+    def eof_received(self) -> bool | None:
+        if not self.freed:
+            self.reason = self.reason or "peer closed the socket"
+            lib.pn_transport_close_tail(self.transport)
+            self.engine.process()
+            self.engine.flush(self)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.reason is None:
+            self.reason = f"socket error: {exc}"
+        self.engine.release(self)
+
+    def pause_writing(self) -> None:
+        self.slow_since = time.monotonic()
+        self.engine.set_blocked(self, True)
+
+    def resume_writing(self) -> None:
+        self.slow_since = None
+        self.engine.set_blocked(self, False)
+
+    # -- SASL ----------------------------------------------------------------------------------------
+
+    def _negotiate(self, data: bytes) -> bytes:
+        sasl = self.sasl
+        assert sasl is not None
+        try:
+            sasl.receive(data)
+        except SaslError as error:
+            self._sasl_write()
+            self.abort(f"SASL: {error}")
+            return b""
+        return self._sasl_progress()
+
+    def _sasl_write(self) -> None:
+        assert self.sasl is not None and self.socket is not None
+        out = self.sasl.data_to_send()
+        if out:
+            self.socket.write(out)
+
+    def _sasl_progress(self) -> bytes:
+        sasl = self.sasl
+        assert sasl is not None
+        self._sasl_write()
+        state = sasl.state
+        if state is SaslState.VERIFYING and sasl.credentials is not None and not self.verifying:
+            self.verifying = True
+            user, password = sasl.credentials
+            future = self.engine.verify_password(user, password)
+            future.add_done_callback(self._verified)
+        elif state is SaslState.FAILED:
+            self.abort(f"SASL: {sasl.failure}")
+        elif state in (SaslState.DONE, SaslState.NO_SASL):
+            self.user = sasl.user
+            self.sasl = None
+            return sasl.take_remaining()
+        return b""
+
+    def _verified(self, future: asyncio.Future[bool]) -> None:
+        self.verifying = False
+        if self.freed or self.sasl is None:
+            return
+        self.sasl.verified(bool(future.result()))
+        rest = self._sasl_progress()
+        if rest:
+            self.push(rest)
+
+    # -- proton transport ------------------------------------------------------------------------------
+
+    def push(self, data: bytes) -> None:
+        """Feed the peer's bytes to proton, as much as it takes, and let the engine handle the events."""
+        transport = self.transport
+        view = memoryview(data)
+        while view:
+            capacity = lib.pn_transport_capacity(transport)
+            if capacity <= 0:
+                break  # input side closed (error or Close): the rest is ignored
+            chunk = view[:capacity]
+            lib.pn_transport_push(transport, ffi.from_buffer(chunk), len(chunk))
+            view = view[capacity:]
+            self.engine.process()
+        self.engine.mark(self)
+
+    def abort(self, reason: str) -> None:
+        """Close the socket now: for a peer we will not speak AMQP with."""
+        self.reason = self.reason or reason
+        if self.socket is not None and not self.socket.is_closing():
+            self.socket.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {"peer": self.peer, "container": self.container, "user": self.user}

@@ -1,0 +1,653 @@
+"""The protocol edge of the router: proton events in, core events out; core actions in, proton calls out.
+
+Rules of this module:
+1. It translates; it decides nothing about routing, credit or outcomes (router/core.py does).
+2. One collector serves every connection (cheaper than one each). Events are handled in order, then the
+   output of each connection touched is written once per turn of the event loop.
+3. The hot path (transfers, dispositions, flow) calls proton's cffi `lib` directly, with no proton Python
+   wrapper objects; encoded messages are forwarded as received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from cproton_ffi import ffi, lib
+
+from meshbus import PRODUCT, __version__
+from meshbus.amqp import pn
+from meshbus.amqp.connection import AmqpConnection
+from meshbus.amqp.peek import peek
+from meshbus.amqp.pn import CData
+from meshbus.config import ListenerConfig
+from meshbus.router.addressing import DistributionRules
+from meshbus.router.core import (
+    ACCEPTED_KIND,
+    MODIFIED_KIND,
+    REJECTED_KIND,
+    RELEASED_KIND,
+    AttachError,
+    ConsumerLink,
+    Delivery,
+    Outcome,
+    ProducerLink,
+    RouterCore,
+    rejected,
+)
+from meshbus.users import UserDatabase
+
+log = logging.getLogger("meshbus.router")
+
+_OUTCOMES = {ACCEPTED_KIND: Outcome(ACCEPTED_KIND), RELEASED_KIND: Outcome(RELEASED_KIND)}
+_READ_CHUNK = 1 << 16
+
+
+class _Stream:
+    """A multi-frame delivery still arriving: its size so far and the consumers' deliveries it feeds."""
+
+    __slots__ = ("buffer", "delivery", "outputs", "received", "refused")
+
+    def __init__(self, received: int, buffer: bytearray | None = None) -> None:
+        self.delivery: Delivery | None = None  # None until the headers have arrived and it is routed
+        self.buffer = buffer  # the frames received before it could be routed
+        self.outputs: list[tuple[ConsumerLink, CData]] = []
+        self.received = received
+        self.refused = False
+
+
+class Engine:
+    """Drives every connection's proton engine and implements the core's `Edge` protocol."""
+
+    def __init__(
+        self,
+        router_id: str,
+        rules: DistributionRules,
+        users: UserDatabase | None,
+        executor: Executor | None = None,
+    ) -> None:
+        self.router_id = router_id
+        self.collector = lib.pn_collector()
+        self.core = RouterCore(self, rules, dynamic_prefix=f"_dynamic/{router_id}/{time.time_ns():x}.")
+        self.users = users
+        self.executor = executor
+        self.connections: set[AmqpConnection] = set()
+        self.by_connection: dict[CData, AmqpConnection] = {}
+        self.links: dict[CData, ProducerLink | ConsumerLink] = {}
+        self.streams: dict[CData, _Stream] = {}
+        self._dirty: set[AmqpConnection] = set()
+        self._flush_scheduled = False
+        self._buffer = ffi.new("char[]", _READ_CHUNK)
+        self._buffer_size = _READ_CHUNK
+        self._tag = 0
+        self._handlers: dict[int, Callable[[CData], None]] = {
+            lib.PN_CONNECTION_REMOTE_OPEN: self._on_connection_open,
+            lib.PN_CONNECTION_REMOTE_CLOSE: self._on_connection_close,
+            lib.PN_SESSION_REMOTE_OPEN: self._on_session_open,
+            lib.PN_SESSION_REMOTE_CLOSE: self._on_session_close,
+            lib.PN_LINK_REMOTE_OPEN: self._on_link_open,
+            lib.PN_LINK_REMOTE_CLOSE: self._on_link_close,
+            lib.PN_LINK_REMOTE_DETACH: self._on_link_close,
+            lib.PN_LINK_FLOW: self._on_flow,
+            lib.PN_DELIVERY: self._on_delivery,
+            lib.PN_TRANSPORT_ERROR: self._on_transport_error,
+            lib.PN_TRANSPORT_CLOSED: self._on_transport_closed,
+        }
+
+    # -- connections ---------------------------------------------------------------------------------
+
+    def new_connection(self, conn: AmqpConnection) -> CData:
+        connection = lib.pn_connection()
+        lib.pn_connection_collect(connection, self.collector)
+        lib.pn_connection_set_container(connection, self.router_id.encode())
+        pn.put_symbol_map(
+            lib.pn_connection_properties(connection), {"product": PRODUCT, "version": __version__}
+        )
+        pn.put_symbol_array(lib.pn_connection_offered_capabilities(connection), ["ANONYMOUS-RELAY"])
+        self.by_connection[connection] = conn
+        return connection
+
+    def verify_password(self, user: str, password: str) -> asyncio.Future[bool]:
+        loop = asyncio.get_running_loop()
+        if self.users is None:
+            future: asyncio.Future[bool] = loop.create_future()
+            future.set_result(False)
+            return future
+        return loop.run_in_executor(self.executor, self.users.verify, user, password)
+
+    def mark(self, conn: AmqpConnection) -> None:
+        """The connection may have output: write it at the end of this turn of the event loop."""
+        self._dirty.add(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, set()
+        for conn in dirty:
+            self.flush(conn)
+
+    def flush(self, conn: AmqpConnection) -> None:
+        """Write everything proton has for the peer; close the socket once proton's output is finished."""
+        if conn.freed or conn.socket is None:
+            return
+        transport = conn.transport
+        buffer = self._buffer
+        pieces = []
+        while True:
+            pending = lib.pn_transport_pending(transport)
+            if pending <= 0:
+                break
+            size = min(pending, self._buffer_size)
+            lib.pn_transport_peek(transport, buffer, size)
+            pieces.append(ffi.unpack(buffer, size))
+            lib.pn_transport_pop(transport, size)
+        if pieces:
+            conn.socket.writelines(pieces)
+        if pending < 0 and not conn.socket.is_closing():
+            conn.socket.close()  # asyncio writes what is buffered first
+
+    def tick(self) -> None:
+        """Time-driven work: heartbeats and idle time-outs, slow peers, expiry of queued messages."""
+        now_ms = _now_ms()
+        for conn in list(self.connections):
+            if conn.freed:
+                continue
+            if now_ms >= conn.deadline:
+                conn.deadline = lib.pn_transport_tick(conn.transport, now_ms)
+                self.process()
+                self.mark(conn)
+            stuck = conn.slow_since
+            if stuck is not None and time.monotonic() - stuck > max(conn.listener.idle_timeout, 5.0):
+                self._close_connection(conn, "amqp:resource-limit-exceeded", "peer is not reading its socket")
+        self.core.tick(time.time())
+
+    def release(self, conn: AmqpConnection) -> None:
+        """The socket is gone: detach the connection's links from the core, free the proton objects."""
+        if conn.freed:
+            return
+        conn.freed = True
+        self.connections.discard(conn)
+        self._dirty.discard(conn)
+        if conn.transport:
+            lib.pn_transport_close_tail(conn.transport)
+            lib.pn_transport_close_head(conn.transport)
+            self.process()
+        for link in list(conn.links):
+            self._forget_link(link)
+        self.by_connection.pop(conn.connection, None)
+        log.info(
+            "connection closed: peer=%s container=%s reason=%s",
+            conn.peer,
+            conn.container,
+            conn.reason or "closed",
+        )
+        if conn.transport:
+            lib.pn_transport_unbind(conn.transport)
+            lib.pn_decref(conn.transport)
+            lib.pn_connection_release(conn.connection)
+            conn.transport = conn.connection = ffi.NULL
+
+    def close_all(self) -> None:
+        """Shut down: a Close frame to every peer."""
+        for conn in list(self.connections):
+            conn.reason = "router shutting down"
+            if conn.connection and conn.sasl is None:
+                lib.pn_connection_close(conn.connection)
+                self.flush(conn)
+            elif conn.socket is not None:
+                conn.socket.close()
+
+    def _close_connection(self, conn: AmqpConnection, name: str, description: str) -> None:
+        conn.reason = f"{name}: {description}"
+        pn.set_condition(lib.pn_connection_condition(conn.connection), name, description)
+        lib.pn_connection_close(conn.connection)
+        self.flush(conn)
+        if conn.socket is None:
+            return
+        if conn.slow_since is not None:
+            conn.socket.abort()  # its buffer will never drain
+        else:
+            conn.socket.close()
+
+    def set_blocked(self, conn: AmqpConnection, blocked: bool) -> None:
+        now = time.time()
+        for handle in list(conn.links):
+            link = self.links.get(handle)
+            if isinstance(link, ConsumerLink):
+                if blocked:
+                    link.blocked = True
+                else:
+                    self.core.unblock(link, now)
+
+    # -- events --------------------------------------------------------------------------------------
+
+    def process(self) -> None:
+        """Handle every event in the collector."""
+        collector = self.collector
+        handlers = self._handlers
+        while True:
+            event = lib.pn_collector_peek(collector)
+            if not event:
+                return
+            handler = handlers.get(lib.pn_event_type(event))
+            try:
+                if handler is not None:
+                    handler(event)
+            except Exception:
+                conn = self.by_connection.get(lib.pn_event_connection(event))
+                log.exception("internal error handling an event; closing connection %s", conn and conn.peer)
+                if conn is not None:
+                    self._close_connection(conn, "amqp:internal-error", "router internal error")
+            finally:
+                lib.pn_collector_pop(collector)
+
+    def _on_connection_open(self, event: CData) -> None:
+        connection = lib.pn_event_connection(event)
+        conn = self.by_connection.get(connection)
+        if conn is None:
+            return
+        conn.container = pn.text(lib.pn_connection_remote_container(connection))
+        lib.pn_connection_open(connection)
+        log.info("connection opened: peer=%s container=%s user=%s", conn.peer, conn.container, conn.user)
+        self.mark(conn)
+
+    def _on_connection_close(self, event: CData) -> None:
+        connection = lib.pn_event_connection(event)
+        conn = self.by_connection.get(connection)
+        if conn is None:
+            return
+        error = pn.condition(lib.pn_connection_remote_condition(connection))
+        conn.reason = f"peer closed: {error[0]}: {error[1]}" if error else "peer closed"
+        lib.pn_connection_close(connection)
+        self.mark(conn)
+
+    def _on_session_open(self, event: CData) -> None:
+        session = lib.pn_event_session(event)
+        lib.pn_session_open(session)
+
+    def _on_session_close(self, event: CData) -> None:
+        session = lib.pn_event_session(event)
+        conn = self.by_connection.get(lib.pn_session_connection(session))
+        if conn is not None:
+            for handle in [h for h in conn.links if lib.pn_link_session(h) == session]:
+                self._forget_link(handle)
+        lib.pn_session_close(session)
+
+    def _on_transport_error(self, event: CData) -> None:
+        transport = lib.pn_event_transport(event)
+        conn = self.by_connection.get(lib.pn_transport_connection(transport))
+        error = pn.condition(lib.pn_transport_condition(transport))
+        if conn is not None and error is not None:
+            conn.reason = conn.reason or f"{error[0]}: {error[1]}"
+            log.warning("connection error: peer=%s %s: %s", conn.peer, error[0], error[1])
+
+    def _on_transport_closed(self, event: CData) -> None:
+        conn = self.by_connection.get(lib.pn_transport_connection(lib.pn_event_transport(event)))
+        if conn is not None:
+            self.mark(conn)
+
+    # -- links ---------------------------------------------------------------------------------------
+
+    def _on_link_open(self, event: CData) -> None:
+        handle = lib.pn_event_link(event)
+        conn = self.by_connection.get(lib.pn_session_connection(lib.pn_link_session(handle)))
+        if conn is None:
+            return
+        try:
+            if lib.pn_link_is_sender(handle):
+                link: ProducerLink | ConsumerLink = self._attach_consumer(handle)
+            else:
+                link = self._attach_producer(handle, conn.listener)
+        except AttachError as error:
+            pn.set_condition(lib.pn_link_condition(handle), error.condition, error.description)
+            lib.pn_link_open(handle)
+            lib.pn_link_close(handle)
+            log.info("attach refused: peer=%s %s", conn.peer, error.description)
+            self.mark(conn)
+            return
+        self.links[handle] = link
+        conn.links.add(handle)
+        lib.pn_link_open(handle)
+        self.mark(conn)
+
+    def _attach_consumer(self, handle: CData) -> ConsumerLink:
+        remote = lib.pn_link_remote_source(handle)
+        dynamic = bool(lib.pn_terminus_is_dynamic(remote))
+        address = None if dynamic else pn.terminus_address(remote)
+        if address is None and not dynamic:
+            raise AttachError(
+                "amqp:invalid-field", "a receiving link needs a source address or a dynamic source"
+            )
+        settle_on_send = lib.pn_link_remote_snd_settle_mode(handle) == lib.PN_SND_SETTLED
+        link = self.core.attach_consumer(handle, address, settle_on_send)
+        local = lib.pn_link_source(handle)
+        lib.pn_terminus_copy(local, remote)
+        lib.pn_terminus_copy(lib.pn_link_target(handle), lib.pn_link_remote_target(handle))
+        lib.pn_link_set_snd_settle_mode(handle, lib.pn_link_remote_snd_settle_mode(handle))
+        lib.pn_link_set_rcv_settle_mode(handle, lib.pn_link_remote_rcv_settle_mode(handle))
+        if dynamic:
+            lib.pn_terminus_set_address(local, link.address.encode())
+        return link
+
+    def _attach_producer(self, handle: CData, listener: ListenerConfig) -> ProducerLink:
+        remote = lib.pn_link_remote_target(handle)
+        dynamic = bool(lib.pn_terminus_is_dynamic(remote))
+        address = self.core.dynamic_address() if dynamic else pn.terminus_address(remote)
+        link = self.core.attach_producer(handle, address, listener.link_capacity)
+        local = lib.pn_link_target(handle)
+        lib.pn_terminus_copy(local, remote)
+        lib.pn_terminus_copy(lib.pn_link_source(handle), lib.pn_link_remote_source(handle))
+        lib.pn_link_set_snd_settle_mode(handle, lib.pn_link_remote_snd_settle_mode(handle))
+        if listener.max_message_size:
+            lib.pn_link_set_max_message_size(handle, listener.max_message_size)
+        if dynamic and address is not None:
+            lib.pn_terminus_set_address(local, address.encode())
+        return link
+
+    def _on_link_close(self, event: CData) -> None:
+        handle = lib.pn_event_link(event)
+        self._forget_link(handle)
+        lib.pn_link_close(handle)
+        lib.pn_link_free(handle)  # churning links (one per request, as old drivers do) must not accumulate
+        conn = self.by_connection.get(lib.pn_session_connection(lib.pn_link_session(handle)))
+        if conn is not None:
+            self.mark(conn)
+
+    def _forget_link(self, handle: CData) -> None:
+        link = self.links.pop(handle, None)
+        if link is None:
+            return
+        conn = self.by_connection.get(lib.pn_session_connection(lib.pn_link_session(handle)))
+        if conn is not None:
+            conn.links.discard(handle)
+        if isinstance(link, ProducerLink):
+            for delivery_handle in [
+                d for d, s in self.streams.items() if s.delivery and s.delivery.link is link
+            ]:
+                self._abort_stream(delivery_handle)
+            self.core.detach_producer(link)
+        else:
+            self.core.detach_consumer(link)
+
+    def _on_flow(self, event: CData) -> None:
+        handle = lib.pn_event_link(event)
+        link = self.links.get(handle)
+        if isinstance(link, ConsumerLink):
+            self.core.consumer_credit(
+                link, lib.pn_link_credit(handle), bool(lib.pn_link_get_drain(handle)), time.time()
+            )
+
+    # -- deliveries ----------------------------------------------------------------------------------
+
+    def _on_delivery(self, event: CData) -> None:
+        delivery = lib.pn_event_delivery(event)
+        handle = lib.pn_delivery_link(delivery)
+        link = self.links.get(handle)
+        if link is None:
+            return
+        if isinstance(link, ConsumerLink):
+            self._on_disposition(link, delivery)
+        elif delivery in self.streams:
+            self._continue(delivery, handle)
+        elif delivery in link.inflight:
+            if lib.pn_delivery_settled(delivery):
+                self.core.producer_settled(link, delivery)
+                lib.pn_delivery_settle(delivery)
+        elif lib.pn_delivery_readable(delivery):
+            self._arrive(link, delivery, handle)
+
+    def _read(self, link_handle: CData, delivery: CData) -> bytes:
+        size = lib.pn_delivery_pending(delivery)
+        if size > self._buffer_size:
+            self._buffer_size = size
+            self._buffer = ffi.new("char[]", size)
+        count = lib.pn_link_recv(link_handle, self._buffer, size)
+        return ffi.unpack(self._buffer, count) if count > 0 else b""
+
+    def _arrive(self, link: ProducerLink, delivery: CData, handle: CData) -> None:
+        payload = self._read(handle, delivery)
+        partial = bool(lib.pn_delivery_partial(delivery))
+        limit = self._listener_of(handle).max_message_size
+        if limit and len(payload) > limit:
+            self._refuse_oversize(link, delivery, handle, partial)
+            return
+        to, deadline, known = _routing_fields(payload, time.time())
+        if partial and not known:
+            # The headers did not fit in the first frames: wait for more (bounded by the message size limit).
+            self.streams[delivery] = _Stream(len(payload), bytearray(payload))
+            return
+        self._route(link, delivery, handle, payload, partial, to, deadline)
+
+    def _route(
+        self,
+        link: ProducerLink,
+        delivery: CData,
+        handle: CData,
+        payload: bytes | bytearray,
+        partial: bool,
+        to: str | None,
+        deadline: float | None,
+    ) -> None:
+        settled = bool(lib.pn_delivery_settled(delivery))
+        if partial:
+            stream = self.streams.get(delivery) or _Stream(len(payload))
+            stream.buffer = None
+            self.streams[delivery] = stream
+            stream.delivery = self.core.deliver(
+                link,
+                delivery,
+                bytearray(payload),
+                complete=False,
+                settled=settled,
+                to=to,
+                deadline=deadline,
+                now=time.time(),
+            )
+            return
+        lib.pn_link_advance(handle)
+        self.core.deliver(
+            link, delivery, payload, complete=True, settled=settled, to=to, deadline=deadline, now=time.time()
+        )
+        if settled:
+            lib.pn_delivery_settle(delivery)
+
+    def _continue(self, delivery: CData, handle: CData) -> None:
+        """More of a multi-frame delivery, or its abort."""
+        stream = self.streams[delivery]
+        link = self.links[handle]
+        assert isinstance(link, ProducerLink)
+        if lib.pn_delivery_aborted(delivery):
+            self._abort_stream(delivery)
+            return
+        chunk = self._read(handle, delivery)
+        partial = bool(lib.pn_delivery_partial(delivery))
+        stream.received += len(chunk)
+        limit = self._listener_of(handle).max_message_size
+        if stream.refused or (limit and stream.received > limit):
+            self._refuse_oversize(link, delivery, handle, partial, stream)
+            return
+        routed = stream.delivery
+        if routed is None:
+            buffered = stream.buffer
+            assert buffered is not None
+            buffered += chunk
+            to, deadline, known = _routing_fields(buffered, time.time())
+            if known or not partial:
+                if not partial:
+                    del self.streams[delivery]
+                self._route(link, delivery, handle, buffered, partial, to, deadline)
+            return
+        if routed.queued:
+            assert isinstance(routed.payload, bytearray)
+            routed.payload += chunk
+        for consumer, _ in stream.outputs:
+            if not consumer.closed:
+                lib.pn_link_send(consumer.handle, ffi.from_buffer(chunk), len(chunk))
+                self._mark_link(consumer.handle)
+        if partial:
+            return
+        del self.streams[delivery]
+        lib.pn_link_advance(handle)
+        routed.complete = True
+        if lib.pn_delivery_settled(delivery):
+            lib.pn_delivery_settle(delivery)
+        now = time.time()
+        for consumer, out in stream.outputs:
+            if not consumer.closed:
+                lib.pn_link_advance(consumer.handle)
+                if routed.settled or consumer.settle_on_send:
+                    lib.pn_delivery_settle(out)
+                self.core.stream_finished(consumer, now)
+
+    def _abort_stream(self, delivery: CData) -> None:
+        stream = self.streams.pop(delivery)
+        now = time.time()
+        for consumer, out in stream.outputs:
+            if not consumer.closed:
+                consumer.inflight.pop(out, None)
+                lib.pn_delivery_abort(out)
+                self._mark_link(consumer.handle)
+                self.core.stream_finished(consumer, now)
+        if stream.delivery is not None:
+            self.core.abort(stream.delivery)
+        lib.pn_delivery_settle(delivery)
+
+    def _refuse_oversize(
+        self, link: ProducerLink, delivery: CData, handle: CData, partial: bool, stream: _Stream | None = None
+    ) -> None:
+        """Discard the rest of a too-large message; reject it once all of it has arrived."""
+        if stream is None:
+            stream = self.streams.setdefault(delivery, _Stream(0))
+        if not stream.refused:
+            stream.refused = True
+            now = time.time()
+            for consumer, out in stream.outputs:
+                if not consumer.closed:
+                    consumer.inflight.pop(out, None)
+                    lib.pn_delivery_abort(out)
+                    self._mark_link(consumer.handle)
+                    self.core.stream_finished(consumer, now)
+            stream.outputs = []
+        if partial:
+            return
+        self.streams.pop(delivery, None)
+        lib.pn_link_advance(handle)
+        limit = self._listener_of(handle).max_message_size
+        outcome = rejected(
+            "amqp:link:message-size-exceeded", f"message larger than the limit of {limit} bytes"
+        )
+        if stream.delivery is not None:
+            self.core.refuse(stream.delivery, outcome)
+        else:
+            if not lib.pn_delivery_settled(delivery):
+                _write_outcome(delivery, outcome)
+            lib.pn_delivery_settle(delivery)
+            self.core.refused_arrival(link)
+
+    def _listener_of(self, link_handle: CData) -> ListenerConfig:
+        return self.by_connection[lib.pn_session_connection(lib.pn_link_session(link_handle))].listener
+
+    def _on_disposition(self, link: ConsumerLink, delivery: CData) -> None:
+        settled = bool(lib.pn_delivery_settled(delivery))
+        kind = lib.pn_delivery_remote_state(delivery)
+        if not kind and not settled:
+            return
+        outcome = _OUTCOMES.get(kind) or _read_outcome(delivery, kind)
+        self.core.consumer_outcome(link, delivery, outcome, settled)
+        if settled:
+            lib.pn_delivery_settle(delivery)
+
+    def _mark_link(self, link_handle: CData) -> None:
+        conn = self.by_connection.get(lib.pn_session_connection(lib.pn_link_session(link_handle)))
+        if conn is not None:
+            self.mark(conn)
+
+    # -- the core's Edge protocol ------------------------------------------------------------------
+
+    def send(self, link: ConsumerLink, delivery: Delivery) -> object:
+        handle = link.handle
+        self._tag += 1
+        tag = self._tag.to_bytes(8, "little")
+        out = lib.pn_delivery(handle, (8, ffi.from_buffer(tag)))
+        payload = delivery.payload
+        lib.pn_link_send(handle, ffi.from_buffer(payload), len(payload))
+        if delivery.complete:
+            lib.pn_link_advance(handle)
+            if delivery.settled or link.settle_on_send:
+                lib.pn_delivery_settle(out)
+        else:
+            self.streams[delivery.handle].outputs.append((link, out))
+        self._mark_link(handle)
+        return out
+
+    def settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        if delivery.link.closed:
+            return
+        self._settle(delivery.handle, outcome)
+
+    def _settle(self, handle: CData, outcome: Outcome) -> None:
+        _write_outcome(handle, outcome)
+        lib.pn_delivery_settle(handle)
+        self._mark_link(lib.pn_delivery_link(handle))
+
+    def update(self, delivery: Delivery, outcome: Outcome) -> None:
+        if not delivery.link.closed:
+            _write_outcome(delivery.handle, outcome)
+            self._mark_link(delivery.link.handle)
+
+    def flow(self, link: ProducerLink, credit: int) -> None:
+        lib.pn_link_flow(link.handle, credit)
+        self._mark_link(link.handle)
+
+    def withdraw_credit(self, link: ProducerLink) -> None:
+        # A receiver may lower the credit it gave: the next flow frame tells the producer it has none.
+        lib.pn_link_flow(link.handle, -lib.pn_link_credit(link.handle))
+        self._mark_link(link.handle)
+
+    def drained(self, link: ConsumerLink) -> None:
+        lib.pn_link_drained(link.handle)
+        self._mark_link(link.handle)
+
+
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)
+
+
+def _routing_fields(payload: bytes | bytearray, now: float) -> tuple[str | None, float | None, bool]:
+    """`to`, the expiry deadline (epoch seconds) and whether the headers were complete."""
+    fields = peek(payload)
+    deadline = None
+    if fields.ttl is not None:
+        deadline = now + fields.ttl / 1000
+    if fields.absolute_expiry:
+        absolute = fields.absolute_expiry / 1000
+        deadline = absolute if deadline is None else min(deadline, absolute)
+    return fields.to, deadline, fields.complete
+
+
+def _read_outcome(delivery: CData, kind: int) -> Outcome:
+    remote = lib.pn_delivery_remote(delivery)
+    if kind == REJECTED_KIND:
+        return Outcome(kind, error=pn.condition(lib.pn_disposition_condition(remote)))
+    if kind == MODIFIED_KIND:
+        return Outcome(
+            kind,
+            delivery_failed=bool(lib.pn_disposition_is_failed(remote)),
+            undeliverable_here=bool(lib.pn_disposition_is_undeliverable(remote)),
+        )
+    return Outcome(kind or RELEASED_KIND)
+
+
+def _write_outcome(delivery: CData, outcome: Outcome) -> None:
+    local = lib.pn_delivery_local(delivery)
+    if outcome.kind == REJECTED_KIND and outcome.error is not None:
+        pn.set_condition(lib.pn_disposition_condition(local), *outcome.error)
+    elif outcome.kind == MODIFIED_KIND:
+        lib.pn_disposition_set_failed(local, outcome.delivery_failed)
+        lib.pn_disposition_set_undeliverable(local, outcome.undeliverable_here)
+    lib.pn_delivery_update(delivery, outcome.kind)

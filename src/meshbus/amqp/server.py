@@ -1,0 +1,104 @@
+"""The router process: listeners, the timer, signals, start and orderly shutdown.
+
+Rules of this module:
+1. It wires config -> Engine -> asyncio servers; the protocol lives in engine.py and connection.py.
+2. SIGTERM and SIGINT close every connection with a Close frame, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import resource
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+from meshbus.amqp.connection import AmqpConnection
+from meshbus.amqp.engine import Engine
+from meshbus.config import ListenerConfig, RouterConfig
+from meshbus.users import UserDatabase
+
+log = logging.getLogger("meshbus.router")
+
+TICK_INTERVAL = 0.1  # seconds between heartbeat/expiry checks
+SHUTDOWN_GRACE = 2.0  # seconds to let Close frames reach peers
+
+
+def run(config: RouterConfig) -> int:
+    """Run a router until SIGTERM or SIGINT; return the exit code."""
+    _raise_file_limit()
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional: the standard loop works, slower
+        return asyncio.run(serve(config))
+    return int(uvloop.run(serve(config)))
+
+
+async def serve(config: RouterConfig) -> int:
+    loop = asyncio.get_running_loop()
+    users = UserDatabase.load(config.router.users_file) if config.router.users_file else None
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="meshbus-auth") as executor:
+        engine = Engine(config.router.id, config.distribution_rules(), users, executor)
+        servers = [await _listen(loop, engine, listener) for listener in config.listener]
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        ticker = asyncio.create_task(_tick(engine))
+        log.info("router %s started", config.router.id)
+        await stop.wait()
+        log.info("router %s stopping: closing %d connections", config.router.id, len(engine.connections))
+        ticker.cancel()
+        for server in servers:
+            server.close()
+        engine.close_all()
+        await _wait_closed(engine)
+    return 0
+
+
+async def _listen(
+    loop: asyncio.AbstractEventLoop, engine: Engine, listener: ListenerConfig
+) -> asyncio.Server:
+    try:
+        server = await loop.create_server(
+            lambda: AmqpConnection(engine, listener),
+            listener.host,
+            listener.port,
+            backlog=4096,
+            reuse_address=True,
+        )
+    except OSError as error:
+        raise SystemExit(
+            f"meshbus: error: cannot listen on {listener.host}:{listener.port}: {error.strerror}; "
+            "choose another port in the [[listener]] table or with --listen"
+        ) from error
+    for sock in server.sockets:
+        host, port = sock.getsockname()[:2]
+        log.info("listening on %s:%d (sasl %s)", host, port, ",".join(listener.sasl_mechanisms))
+    return server
+
+
+async def _tick(engine: Engine) -> None:
+    while True:
+        await asyncio.sleep(TICK_INTERVAL)
+        try:
+            engine.tick()
+        except Exception:
+            log.exception("internal error in the router's timer")
+
+
+async def _wait_closed(engine: Engine) -> None:
+    deadline = asyncio.get_running_loop().time() + SHUTDOWN_GRACE
+    while engine.connections and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+    for conn in list(engine.connections):
+        if conn.socket is not None:
+            conn.socket.abort()
+
+
+def _raise_file_limit() -> None:
+    """Thousands of connections need thousands of descriptors: raise the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

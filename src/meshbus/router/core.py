@@ -1,0 +1,504 @@
+"""The forwarding core: address table, links, deliveries, credit, settlement and expiry.
+
+Rules of this module:
+1. It makes every forwarding decision: which consumer gets a delivery, when a producer gets credit, which
+   outcome goes back to a producer. It never touches proton, sockets, threads or a clock.
+2. Events come in as method calls from the edge (`attach_consumer`, `deliver`, `consumer_outcome`, ...);
+   actions go out through the narrow `Edge` protocol, which the edge implements with proton calls.
+3. Payloads are opaque bytes, forwarded unchanged. Time arrives as `now` (seconds since the epoch, since
+   message expiry times are wall-clock times).
+4. Memory bound: a producer's link is given credit only for deliveries that have left the router, so the
+   router holds at most `capacity` not-yet-forwarded deliveries per producer link, whatever the consumers do.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from meshbus.router.addressing import Distribution, DistributionRules
+
+# Outcome kinds carry the AMQP 1.0 descriptor codes of the delivery states (also proton's PN_* values).
+ACCEPTED_KIND = 0x24
+REJECTED_KIND = 0x25
+RELEASED_KIND = 0x26
+MODIFIED_KIND = 0x27
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A terminal delivery state as it travels from a consumer back to a producer."""
+
+    kind: int
+    error: tuple[str, str] | None = None  # (condition name, description) of a rejection
+    delivery_failed: bool = False
+    undeliverable_here: bool = False
+    annotations: object = None  # modified's message-annotations, opaque to the core
+
+
+ACCEPTED = Outcome(ACCEPTED_KIND)
+RELEASED = Outcome(RELEASED_KIND)
+# A consumer went away without settling: the producer may resend (delivery-failed raises its count).
+CONSUMER_LOST = Outcome(MODIFIED_KIND, delivery_failed=True)
+EXPIRED = Outcome(MODIFIED_KIND, undeliverable_here=True)
+
+
+def rejected(condition: str, description: str) -> Outcome:
+    return Outcome(REJECTED_KIND, error=(condition, description))
+
+
+class AttachError(Exception):
+    """An attach the router refuses; `condition` is the AMQP error condition sent in the detach."""
+
+    def __init__(self, condition: str, description: str) -> None:
+        super().__init__(description)
+        self.condition = condition
+        self.description = description
+
+
+class Edge(Protocol):
+    """What the core asks of the protocol edge."""
+
+    def send(self, link: ConsumerLink, delivery: Delivery) -> object:
+        """Start the delivery on the consumer's link with the payload received so far; return its handle."""
+
+    def settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Settle the producer's delivery with this outcome."""
+
+    def update(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Tell the producer the consumer's (not yet settled) state of the delivery."""
+
+    def flow(self, link: ProducerLink, credit: int) -> None:
+        """Give the producer's link this much more credit."""
+
+    def withdraw_credit(self, link: ProducerLink) -> None:
+        """Ask the producer to give up its remaining credit (drain)."""
+
+    def drained(self, link: ConsumerLink) -> None:
+        """Spend the consumer's remaining credit: nothing more to send on a draining link."""
+
+
+@dataclass(slots=True, eq=False)
+class AddressEntry:
+    """One address with its consumers and the producers' links targeting it."""
+
+    address: str
+    distribution: Distribution
+    consumers: list[ConsumerLink] = field(default_factory=list)
+    producers: list[ProducerLink] = field(default_factory=list)
+    rotation: int = 0  # tie-breaker: consumers take turns
+
+
+@dataclass(slots=True, eq=False)
+class ProducerLink:
+    """A link on which a client sends to the router. `address` None: anonymous relay (route by `to`)."""
+
+    handle: object
+    address: str | None
+    capacity: int
+    entry: AddressEntry | None = None
+    credit: int = 0  # credit issued and not yet used, as far as the core knows
+    held: int = 0  # deliveries received and not yet forwarded or settled
+    inflight: dict[object, Delivery] = field(default_factory=dict)  # unsettled, by the edge's handle
+    closed: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class ConsumerLink:
+    """A link on which the router sends to a client."""
+
+    handle: object
+    address: str
+    entry: AddressEntry
+    settle_on_send: bool = False  # the consumer asked for pre-settled deliveries
+    credit: int = 0
+    drain: bool = False
+    blocked: bool = False  # the edge cannot take more now (a slow socket)
+    streaming: Delivery | None = None  # a multi-frame delivery in progress holds the link
+    queue: deque[Delivery] = field(default_factory=deque)
+    inflight: dict[object, Delivery] = field(default_factory=dict)  # sent, unsettled, by handle
+    delivered: int = 0
+    closed: bool = False
+
+    @property
+    def load(self) -> int:
+        return len(self.inflight) + len(self.queue)
+
+
+@dataclass(slots=True, eq=False)
+class Delivery:
+    """A message passing through the router: from one producer link to one or more consumer links."""
+
+    link: ProducerLink
+    handle: object
+    payload: bytes | bytearray
+    complete: bool
+    settled: bool  # settled by the producer: nothing goes back
+    deadline: float | None  # expiry, seconds since the epoch
+    address: str = ""
+    pending: int = 0  # copies neither settled by a consumer nor given up
+    queued: int = 0  # copies waiting in consumers' queues (the payload must be kept whole for them)
+    accepted: bool = False
+    refusal: Outcome | None = None  # for multicast: the first rejection seen
+    unicast: bool = True
+    moved_on: bool = False  # no longer counted against the producer's credit
+    aborted: bool = False
+
+
+@dataclass(slots=True)
+class Counters:
+    delivered: int = 0
+    released_no_consumer: int = 0
+    dropped_no_consumer: int = 0
+    expired: int = 0
+    rejected: int = 0
+
+
+class RouterCore:
+    """The address table and the forwarding rules of one router."""
+
+    def __init__(
+        self,
+        edge: Edge,
+        rules: DistributionRules,
+        dynamic_prefix: str,
+    ) -> None:
+        self._edge = edge
+        self._rules = rules
+        self._dynamic_prefix = dynamic_prefix
+        self._dynamic_count = 0
+        self.entries: dict[str, AddressEntry] = {}
+        self.counters = Counters()
+        self._expiring: set[ConsumerLink] = set()
+
+    # -- attach and detach -------------------------------------------------------------------------
+
+    def _entry(self, address: str, distribution: Distribution | None = None) -> AddressEntry:
+        entry = self.entries.get(address)
+        if entry is None:
+            distribution = distribution or self._rules.lookup(address)
+            if distribution is Distribution.UNAVAILABLE:
+                raise AttachError("amqp:not-found", f"address {address!r} is configured unavailable")
+            entry = AddressEntry(address, distribution)
+            self.entries[address] = entry
+        return entry
+
+    def _forget_if_unused(self, entry: AddressEntry) -> None:
+        if not entry.consumers and not entry.producers:
+            self.entries.pop(entry.address, None)
+
+    def dynamic_address(self) -> str:
+        self._dynamic_count += 1
+        return f"{self._dynamic_prefix}{self._dynamic_count}"
+
+    def attach_consumer(
+        self, handle: object, address: str | None, settle_on_send: bool = False
+    ) -> ConsumerLink:
+        """A client attached a receiving link. `address` None asks for a dynamic address."""
+        if address is None:
+            entry = self._entry(self.dynamic_address(), Distribution.CLOSEST)
+        else:
+            entry = self._entry(address)
+        link = ConsumerLink(handle, entry.address, entry, settle_on_send=settle_on_send)
+        entry.consumers.append(link)
+        if len(entry.consumers) == 1:
+            for producer in entry.producers:
+                self._replenish(producer)
+        return link
+
+    def attach_producer(self, handle: object, address: str | None, capacity: int) -> ProducerLink:
+        """A client attached a sending link; `address` None is an anonymous-relay link."""
+        link = ProducerLink(handle, address, capacity)
+        if address is not None:
+            link.entry = self._entry(address)
+            link.entry.producers.append(link)
+        self._replenish(link)
+        return link
+
+    def detach_producer(self, link: ProducerLink) -> None:
+        link.closed = True
+        # Deliveries still on their way carry on, but nothing can be said to this producer any more.
+        for delivery in link.inflight.values():
+            delivery.settled = True
+        link.inflight.clear()
+        if link.entry is not None:
+            link.entry.producers.remove(link)
+            self._forget_if_unused(link.entry)
+
+    def detach_consumer(self, link: ConsumerLink) -> None:
+        link.closed = True
+        entry = link.entry
+        entry.consumers.remove(link)
+        self._expiring.discard(link)
+        # Sent but unsettled: the outcome is unknown, so the producer is told to resend.
+        for delivery in list(link.inflight.values()):
+            self._copy_settled(delivery, CONSUMER_LOST)
+        link.inflight.clear()
+        queued, link.queue = link.queue, deque()
+        streaming, link.streaming = link.streaming, None
+        if streaming is not None:
+            self._copy_settled(streaming, CONSUMER_LOST)
+        for delivery in queued:
+            delivery.queued -= 1
+            if delivery.unicast and entry.consumers and not delivery.aborted:
+                self._offer(self._choose(entry), delivery)
+            else:
+                self._copy_settled(delivery, RELEASED)
+            if not delivery.queued:
+                self._move_on(delivery)
+        if not entry.consumers:
+            for producer in entry.producers:
+                producer.credit = 0
+                self._edge.withdraw_credit(producer)
+        self._forget_if_unused(entry)
+
+    # -- credit --------------------------------------------------------------------------------------
+
+    def _replenish(self, link: ProducerLink) -> None:
+        if link.closed or (link.entry is not None and not link.entry.consumers):
+            return
+        # Credit is given back in batches of a quarter of the capacity to keep flow frames rare.
+        grant = link.capacity - link.held - link.credit
+        if grant > 0 and (grant * 4 >= link.capacity or link.credit == 0):
+            link.credit += grant
+            self._edge.flow(link, grant)
+
+    def refused_arrival(self, link: ProducerLink) -> None:
+        """The edge refused a delivery before routing it (too large): it used one credit."""
+        if link.credit > 0:
+            link.credit -= 1
+        self._replenish(link)
+
+    def consumer_credit(self, link: ConsumerLink, credit: int, drain: bool, now: float) -> None:
+        """A consumer's flow: its credit now and whether it asks us to drain."""
+        link.credit = credit
+        link.drain = drain
+        self._pump(link, now)
+        if drain and link.credit > 0 and not link.queue and link.streaming is None:
+            link.credit = 0
+            self._edge.drained(link)
+
+    def unblock(self, link: ConsumerLink, now: float) -> None:
+        link.blocked = False
+        self._pump(link, now)
+
+    def _pump(self, link: ConsumerLink, now: float) -> None:
+        queue = link.queue
+        while queue and link.credit > 0 and not link.blocked and link.streaming is None:
+            delivery = queue.popleft()
+            delivery.queued -= 1
+            if delivery.deadline is not None and delivery.deadline <= now:
+                self._expire_copy(delivery)
+            else:
+                self._send(link, delivery)
+            if not delivery.queued:
+                self._move_on(delivery)
+        if not queue:
+            self._expiring.discard(link)
+
+    # -- deliveries ----------------------------------------------------------------------------------
+
+    def deliver(
+        self,
+        link: ProducerLink,
+        handle: object,
+        payload: bytes | bytearray,
+        *,
+        complete: bool,
+        settled: bool,
+        to: str | None,
+        deadline: float | None,
+        now: float,
+    ) -> Delivery:
+        """A new delivery arrived (the first frame of it, if `complete` is false)."""
+        if link.credit > 0:
+            link.credit -= 1
+        link.held += 1
+        delivery = Delivery(link, handle, payload, complete, settled, deadline)
+        if not settled:
+            link.inflight[handle] = delivery
+        entry = link.entry
+        if entry is None:
+            if to is None:
+                self.counters.rejected += 1
+                self._finish(delivery, rejected("amqp:precondition-failed", "message has no 'to' address"))
+                return delivery
+            entry = self.entries.get(to)
+            delivery.address = to
+        else:
+            delivery.address = entry.address
+        if deadline is not None and deadline <= now:
+            self.counters.expired += 1
+            self._finish(delivery, EXPIRED)
+            return delivery
+        if entry is None or not entry.consumers:
+            if settled:
+                self.counters.dropped_no_consumer += 1
+            else:
+                self.counters.released_no_consumer += 1
+            self._finish(delivery, RELEASED)
+            return delivery
+        if entry.distribution is Distribution.MULTICAST:
+            delivery.unicast = False
+            targets = list(entry.consumers)
+            delivery.pending = len(targets)
+            for consumer in targets:
+                self._offer(consumer, delivery)
+        else:
+            delivery.pending = 1
+            self._offer(self._choose(entry), delivery)
+        if not delivery.queued:
+            self._move_on(delivery)
+        return delivery
+
+    def _choose(self, entry: AddressEntry) -> ConsumerLink:
+        consumers = entry.consumers
+        count = len(consumers)
+        if count == 1:
+            return consumers[0]
+        start = entry.rotation = (entry.rotation + 1) % count
+        if entry.distribution is Distribution.BALANCED:
+            best = consumers[start]
+            for i in range(1, count):
+                candidate = consumers[(start + i) % count]
+                if candidate.load < best.load:
+                    best = candidate
+            return best
+        # closest: every local consumer is equally close; take turns among those able to take it now
+        for i in range(count):
+            candidate = consumers[(start + i) % count]
+            if candidate.credit > 0 and not candidate.queue and not candidate.blocked:
+                return candidate
+        return consumers[start]
+
+    def _offer(self, link: ConsumerLink, delivery: Delivery) -> None:
+        if link.credit > 0 and not link.queue and not link.blocked and link.streaming is None:
+            self._send(link, delivery)
+        else:
+            link.queue.append(delivery)
+            delivery.queued += 1
+            if delivery.deadline is not None:
+                self._expiring.add(link)
+
+    def _send(self, link: ConsumerLink, delivery: Delivery) -> None:
+        handle = self._edge.send(link, delivery)
+        link.credit -= 1
+        link.delivered += 1
+        self.counters.delivered += 1
+        if not delivery.complete:
+            link.streaming = delivery
+        if delivery.settled:
+            return
+        if link.settle_on_send:
+            self._copy_settled(delivery, ACCEPTED)  # the consumer asked for at-most-once
+        else:
+            link.inflight[handle] = delivery
+
+    def _move_on(self, delivery: Delivery) -> None:
+        """The delivery no longer occupies its producer's credit."""
+        if delivery.moved_on:
+            return
+        delivery.moved_on = True
+        link = delivery.link
+        link.held -= 1
+        if not link.closed:
+            self._replenish(link)
+
+    def _finish(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Settle a delivery that goes no further (no consumer, expired, refused)."""
+        delivery.pending = 0
+        self._move_on(delivery)
+        if not delivery.settled:
+            delivery.settled = True
+            delivery.link.inflight.pop(delivery.handle, None)
+            self._edge.settle(delivery, outcome)
+
+    def stream_finished(self, link: ConsumerLink, now: float) -> None:
+        """The edge completed (or aborted) the multi-frame delivery that held this consumer's link."""
+        link.streaming = None
+        self._pump(link, now)
+
+    def abort(self, delivery: Delivery) -> None:
+        """The producer aborted a multi-frame delivery: queued copies are dropped."""
+        delivery.aborted = True
+        delivery.settled = True
+        delivery.link.inflight.pop(delivery.handle, None)
+        for entry_link in self._links_queuing(delivery):
+            entry_link.queue.remove(delivery)
+            delivery.queued -= 1
+        self._move_on(delivery)
+
+    def _links_queuing(self, delivery: Delivery) -> list[ConsumerLink]:
+        entry = self.entries.get(delivery.address)
+        if entry is None or not delivery.queued:
+            return []
+        return [link for link in entry.consumers if delivery in link.queue]
+
+    def refuse(self, delivery: Delivery, outcome: Outcome) -> None:
+        """The edge refuses a delivery mid-way (too large): copies already started are aborted by the edge."""
+        self.counters.rejected += 1
+        for link in self._links_queuing(delivery):
+            link.queue.remove(delivery)
+            delivery.queued -= 1
+        delivery.aborted = True
+        self._finish(delivery, outcome)
+
+    # -- outcomes ------------------------------------------------------------------------------------
+
+    def consumer_outcome(self, link: ConsumerLink, handle: object, outcome: Outcome, settled: bool) -> None:
+        """A consumer reported the state of a delivery we sent it."""
+        if not settled:
+            delivery = link.inflight.get(handle)
+            if delivery is not None and delivery.unicast and not delivery.settled:
+                self._edge.update(delivery, outcome)
+            return
+        delivery = link.inflight.pop(handle, None)
+        if delivery is not None:
+            self._copy_settled(delivery, outcome)
+
+    def producer_settled(self, link: ProducerLink, handle: object) -> None:
+        """The producer settled first: it no longer wants to hear the outcome."""
+        delivery = link.inflight.pop(handle, None)
+        if delivery is not None:
+            delivery.settled = True
+
+    def _copy_settled(self, delivery: Delivery, outcome: Outcome) -> None:
+        """One copy of the delivery reached its final state; settle the producer when all have."""
+        delivery.pending -= 1
+        if delivery.unicast:
+            final = outcome
+        else:
+            if outcome.kind == ACCEPTED_KIND:
+                delivery.accepted = True
+            elif outcome.kind == REJECTED_KIND and delivery.refusal is None:
+                delivery.refusal = outcome
+            if delivery.pending > 0:
+                return
+            final = delivery.refusal or (ACCEPTED if delivery.accepted else RELEASED)
+        if delivery.pending <= 0 and not delivery.settled:
+            delivery.settled = True
+            delivery.link.inflight.pop(delivery.handle, None)
+            self._edge.settle(delivery, final)
+
+    # -- time ----------------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Expire queued deliveries whose time has passed."""
+        for link in list(self._expiring):
+            kept: deque[Delivery] = deque()
+            for delivery in link.queue:
+                if delivery.deadline is not None and delivery.deadline <= now:
+                    delivery.queued -= 1
+                    self._expire_copy(delivery)
+                    if not delivery.queued:
+                        self._move_on(delivery)
+                else:
+                    kept.append(delivery)
+            link.queue = kept
+            if not any(d.deadline is not None for d in kept):
+                self._expiring.discard(link)
+
+    def _expire_copy(self, delivery: Delivery) -> None:
+        self.counters.expired += 1
+        self._copy_settled(delivery, EXPIRED)

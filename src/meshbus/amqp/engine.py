@@ -21,9 +21,8 @@ from cproton_ffi import ffi, lib
 from meshbus import PRODUCT, __version__
 from meshbus.amqp import pn
 from meshbus.amqp.connection import AmqpConnection
-from meshbus.amqp.peek import peek
+from meshbus.amqp.peek import Scan, peek
 from meshbus.amqp.pn import CData
-from meshbus.config import ListenerConfig
 from meshbus.router.addressing import DistributionRules
 from meshbus.router.core import (
     ACCEPTED_KIND,
@@ -82,7 +81,8 @@ class Engine:
         self._flush_scheduled = False
         self._buffer = ffi.new("char[]", _READ_CHUNK)
         self._buffer_size = _READ_CHUNK
-        self._tag = 0
+        self._tag = ffi.new("uint64_t[1]")
+        self._tag_bytes = (8, ffi.cast("char *", self._tag))  # a pn_bytes_t over the counter
         self._handlers: dict[int, Callable[[CData], None]] = {
             lib.PN_CONNECTION_REMOTE_OPEN: self._on_connection_open,
             lib.PN_CONNECTION_REMOTE_CLOSE: self._on_connection_close,
@@ -230,21 +230,24 @@ class Engine:
         """Handle every event in the collector."""
         collector = self.collector
         handlers = self._handlers
+        peek_event, pop_event, event_type = lib.pn_collector_peek, lib.pn_collector_pop, lib.pn_event_type
         while True:
-            event = lib.pn_collector_peek(collector)
+            event = peek_event(collector)
             if not event:
                 return
-            handler = handlers.get(lib.pn_event_type(event))
+            handler = handlers.get(event_type(event))
+            if handler is None:
+                pop_event(collector)  # most often PN_TRANSPORT: output is written once per loop turn anyway
+                continue
             try:
-                if handler is not None:
-                    handler(event)
+                handler(event)
             except Exception:
                 conn = self.by_connection.get(lib.pn_event_connection(event))
                 log.exception("internal error handling an event; closing connection %s", conn and conn.peer)
                 if conn is not None:
                     self._close_connection(conn, "amqp:internal-error", "router internal error")
             finally:
-                lib.pn_collector_pop(collector)
+                pop_event(collector)
 
     def _on_connection_open(self, event: CData) -> None:
         connection = lib.pn_event_connection(event)
@@ -300,9 +303,9 @@ class Engine:
             return
         try:
             if lib.pn_link_is_sender(handle):
-                link: ProducerLink | ConsumerLink = self._attach_consumer(handle)
+                link: ProducerLink | ConsumerLink = self._attach_consumer(handle, conn)
             else:
-                link = self._attach_producer(handle, conn.listener)
+                link = self._attach_producer(handle, conn)
         except AttachError as error:
             pn.set_condition(lib.pn_link_condition(handle), error.condition, error.description)
             lib.pn_link_open(handle)
@@ -315,7 +318,7 @@ class Engine:
         lib.pn_link_open(handle)
         self.mark(conn)
 
-    def _attach_consumer(self, handle: CData) -> ConsumerLink:
+    def _attach_consumer(self, handle: CData, conn: AmqpConnection) -> ConsumerLink:
         remote = lib.pn_link_remote_source(handle)
         dynamic = bool(lib.pn_terminus_is_dynamic(remote))
         address = None if dynamic else pn.terminus_address(remote)
@@ -324,7 +327,7 @@ class Engine:
                 "amqp:invalid-field", "a receiving link needs a source address or a dynamic source"
             )
         settle_on_send = lib.pn_link_remote_snd_settle_mode(handle) == lib.PN_SND_SETTLED
-        link = self.core.attach_consumer(handle, address, settle_on_send)
+        link = self.core.attach_consumer(handle, address, settle_on_send, conn)
         local = lib.pn_link_source(handle)
         lib.pn_terminus_copy(local, remote)
         lib.pn_terminus_copy(lib.pn_link_target(handle), lib.pn_link_remote_target(handle))
@@ -334,11 +337,12 @@ class Engine:
             lib.pn_terminus_set_address(local, link.address.encode())
         return link
 
-    def _attach_producer(self, handle: CData, listener: ListenerConfig) -> ProducerLink:
+    def _attach_producer(self, handle: CData, conn: AmqpConnection) -> ProducerLink:
+        listener = conn.listener
         remote = lib.pn_link_remote_target(handle)
         dynamic = bool(lib.pn_terminus_is_dynamic(remote))
         address = self.core.dynamic_address() if dynamic else pn.terminus_address(remote)
-        link = self.core.attach_producer(handle, address, listener.link_capacity)
+        link = self.core.attach_producer(handle, address, listener.link_capacity, conn)
         local = lib.pn_link_target(handle)
         lib.pn_terminus_copy(local, remote)
         lib.pn_terminus_copy(lib.pn_link_source(handle), lib.pn_link_remote_source(handle))
@@ -390,9 +394,11 @@ class Engine:
         link = self.links.get(handle)
         if link is None:
             return
-        if isinstance(link, ConsumerLink):
+        if link.__class__ is ConsumerLink:
             self._on_disposition(link, delivery)
-        elif delivery in self.streams:
+            return
+        assert isinstance(link, ProducerLink)
+        if delivery in self.streams:
             self._continue(delivery, handle)
         elif delivery in link.inflight:
             if lib.pn_delivery_settled(delivery):
@@ -400,6 +406,8 @@ class Engine:
                 lib.pn_delivery_settle(delivery)
         elif lib.pn_delivery_readable(delivery):
             self._arrive(link, delivery, handle)
+        elif lib.pn_delivery_aborted(delivery):
+            lib.pn_delivery_settle(delivery)  # aborted before its first byte reached us
 
     def _read(self, link_handle: CData, delivery: CData) -> bytes:
         size = lib.pn_delivery_pending(delivery)
@@ -411,13 +419,24 @@ class Engine:
 
     def _arrive(self, link: ProducerLink, delivery: CData, handle: CData) -> None:
         payload = self._read(handle, delivery)
-        partial = bool(lib.pn_delivery_partial(delivery))
-        limit = self._listener_of(handle).max_message_size
+        partial = lib.pn_delivery_partial(delivery)
+        limit = link.owner.listener.max_message_size
         if limit and len(payload) > limit:
             self._refuse_oversize(link, delivery, handle, partial)
             return
-        to, deadline, known = _routing_fields(payload, time.time())
-        if partial and not known:
+        now = time.time()
+        to, deadline, known = _routing_fields(payload, now)
+        if not partial:
+            # The common case, a message in one transfer: forward it now.
+            lib.pn_link_advance(handle)
+            settled = lib.pn_delivery_settled(delivery)
+            self.core.deliver(
+                link, delivery, payload, complete=True, settled=settled, to=to, deadline=deadline, now=now
+            )
+            if settled:
+                lib.pn_delivery_settle(delivery)
+            return
+        if not known:
             # The headers did not fit in the first frames: wait for more (bounded by the message size limit).
             self.streams[delivery] = _Stream(len(payload), bytearray(payload))
             return
@@ -467,7 +486,7 @@ class Engine:
         chunk = self._read(handle, delivery)
         partial = bool(lib.pn_delivery_partial(delivery))
         stream.received += len(chunk)
-        limit = self._listener_of(handle).max_message_size
+        limit = link.owner.listener.max_message_size
         if stream.refused or (limit and stream.received > limit):
             self._refuse_oversize(link, delivery, handle, partial, stream)
             return
@@ -488,7 +507,7 @@ class Engine:
         for consumer, _ in stream.outputs:
             if not consumer.closed:
                 lib.pn_link_send(consumer.handle, ffi.from_buffer(chunk), len(chunk))
-                self._mark_link(consumer.handle)
+                self.mark(consumer.owner)
         if partial:
             return
         del self.streams[delivery]
@@ -506,16 +525,21 @@ class Engine:
 
     def _abort_stream(self, delivery: CData) -> None:
         stream = self.streams.pop(delivery)
+        self._abort_outputs(stream)
+        if stream.delivery is not None:
+            self.core.abort(stream.delivery)
+        lib.pn_delivery_settle(delivery)
+
+    def _abort_outputs(self, stream: _Stream) -> None:
+        """Abort the consumers' copies of a multi-frame delivery that will not complete."""
         now = time.time()
         for consumer, out in stream.outputs:
             if not consumer.closed:
                 consumer.inflight.pop(out, None)
                 lib.pn_delivery_abort(out)
-                self._mark_link(consumer.handle)
+                self.mark(consumer.owner)
                 self.core.stream_finished(consumer, now)
-        if stream.delivery is not None:
-            self.core.abort(stream.delivery)
-        lib.pn_delivery_settle(delivery)
+        stream.outputs = []
 
     def _refuse_oversize(
         self, link: ProducerLink, delivery: CData, handle: CData, partial: bool, stream: _Stream | None = None
@@ -525,19 +549,12 @@ class Engine:
             stream = self.streams.setdefault(delivery, _Stream(0))
         if not stream.refused:
             stream.refused = True
-            now = time.time()
-            for consumer, out in stream.outputs:
-                if not consumer.closed:
-                    consumer.inflight.pop(out, None)
-                    lib.pn_delivery_abort(out)
-                    self._mark_link(consumer.handle)
-                    self.core.stream_finished(consumer, now)
-            stream.outputs = []
+            self._abort_outputs(stream)
         if partial:
             return
         self.streams.pop(delivery, None)
         lib.pn_link_advance(handle)
-        limit = self._listener_of(handle).max_message_size
+        limit = link.owner.listener.max_message_size
         outcome = rejected(
             "amqp:link:message-size-exceeded", f"message larger than the limit of {limit} bytes"
         )
@@ -549,11 +566,8 @@ class Engine:
             lib.pn_delivery_settle(delivery)
             self.core.refused_arrival(link)
 
-    def _listener_of(self, link_handle: CData) -> ListenerConfig:
-        return self.by_connection[lib.pn_session_connection(lib.pn_link_session(link_handle))].listener
-
     def _on_disposition(self, link: ConsumerLink, delivery: CData) -> None:
-        settled = bool(lib.pn_delivery_settled(delivery))
+        settled = lib.pn_delivery_settled(delivery)
         kind = lib.pn_delivery_remote_state(delivery)
         if not kind and not settled:
             return
@@ -562,18 +576,13 @@ class Engine:
         if settled:
             lib.pn_delivery_settle(delivery)
 
-    def _mark_link(self, link_handle: CData) -> None:
-        conn = self.by_connection.get(lib.pn_session_connection(lib.pn_link_session(link_handle)))
-        if conn is not None:
-            self.mark(conn)
-
     # -- the core's Edge protocol ------------------------------------------------------------------
 
     def send(self, link: ConsumerLink, delivery: Delivery) -> object:
         handle = link.handle
-        self._tag += 1
-        tag = self._tag.to_bytes(8, "little")
-        out = lib.pn_delivery(handle, (8, ffi.from_buffer(tag)))
+        # Tags need only be unique among a link's unsettled deliveries: one counter serves all links.
+        self._tag[0] += 1
+        out = lib.pn_delivery(handle, self._tag_bytes)
         payload = delivery.payload
         lib.pn_link_send(handle, ffi.from_buffer(payload), len(payload))
         if delivery.complete:
@@ -582,36 +591,38 @@ class Engine:
                 lib.pn_delivery_settle(out)
         else:
             self.streams[delivery.handle].outputs.append((link, out))
-        self._mark_link(handle)
+        self.mark(link.owner)
         return out
 
     def settle(self, delivery: Delivery, outcome: Outcome) -> None:
-        if delivery.link.closed:
+        link = delivery.link
+        if link.closed:
             return
-        self._settle(delivery.handle, outcome)
-
-    def _settle(self, handle: CData, outcome: Outcome) -> None:
-        _write_outcome(handle, outcome)
+        handle = delivery.handle
+        if outcome.kind == ACCEPTED_KIND:
+            lib.pn_delivery_update(handle, ACCEPTED_KIND)
+        else:
+            _write_outcome(handle, outcome)
         lib.pn_delivery_settle(handle)
-        self._mark_link(lib.pn_delivery_link(handle))
+        self.mark(link.owner)
 
     def update(self, delivery: Delivery, outcome: Outcome) -> None:
         if not delivery.link.closed:
             _write_outcome(delivery.handle, outcome)
-            self._mark_link(delivery.link.handle)
+            self.mark(delivery.link.owner)
 
     def flow(self, link: ProducerLink, credit: int) -> None:
         lib.pn_link_flow(link.handle, credit)
-        self._mark_link(link.handle)
+        self.mark(link.owner)
 
     def withdraw_credit(self, link: ProducerLink) -> None:
         # A receiver may lower the credit it gave: the next flow frame tells the producer it has none.
         lib.pn_link_flow(link.handle, -lib.pn_link_credit(link.handle))
-        self._mark_link(link.handle)
+        self.mark(link.owner)
 
     def drained(self, link: ConsumerLink) -> None:
         lib.pn_link_drained(link.handle)
-        self._mark_link(link.handle)
+        self.mark(link.owner)
 
 
 def _now_ms() -> int:
@@ -619,15 +630,14 @@ def _now_ms() -> int:
 
 
 def _routing_fields(payload: bytes | bytearray, now: float) -> tuple[str | None, float | None, bool]:
-    """`to`, the expiry deadline (epoch seconds) and whether the headers were complete."""
-    fields = peek(payload)
+    """`to`, the expiry deadline (epoch seconds) and whether the headers were all there."""
+    to, ttl, expiry, scan = peek(payload)
     deadline = None
-    if fields.ttl is not None:
-        deadline = now + fields.ttl / 1000
-    if fields.absolute_expiry:
-        absolute = fields.absolute_expiry / 1000
-        deadline = absolute if deadline is None else min(deadline, absolute)
-    return fields.to, deadline, fields.complete
+    if ttl is not None:
+        deadline = now + ttl / 1000
+    if expiry:
+        deadline = expiry / 1000 if deadline is None else min(deadline, expiry / 1000)
+    return to, deadline, scan is not Scan.INCOMPLETE
 
 
 def _read_outcome(delivery: CData, kind: int) -> Outcome:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from meshbus.router.addressing import Distribution, DistributionRules
 
@@ -97,6 +97,7 @@ class ProducerLink:
     handle: object
     address: str | None
     capacity: int
+    owner: Any = None  # the edge's object for the link's connection, opaque to the core
     entry: AddressEntry | None = None
     credit: int = 0  # credit issued and not yet used, as far as the core knows
     held: int = 0  # deliveries received and not yet forwarded or settled
@@ -111,6 +112,7 @@ class ConsumerLink:
     handle: object
     address: str
     entry: AddressEntry
+    owner: Any = None  # the edge's object for the link's connection, opaque to the core
     settle_on_send: bool = False  # the consumer asked for pre-settled deliveries
     credit: int = 0
     drain: bool = False
@@ -193,23 +195,25 @@ class RouterCore:
         return f"{self._dynamic_prefix}{self._dynamic_count}"
 
     def attach_consumer(
-        self, handle: object, address: str | None, settle_on_send: bool = False
+        self, handle: object, address: str | None, settle_on_send: bool = False, owner: Any = None
     ) -> ConsumerLink:
         """A client attached a receiving link. `address` None asks for a dynamic address."""
         if address is None:
             entry = self._entry(self.dynamic_address(), Distribution.CLOSEST)
         else:
             entry = self._entry(address)
-        link = ConsumerLink(handle, entry.address, entry, settle_on_send=settle_on_send)
+        link = ConsumerLink(handle, entry.address, entry, owner, settle_on_send)
         entry.consumers.append(link)
         if len(entry.consumers) == 1:
             for producer in entry.producers:
                 self._replenish(producer)
         return link
 
-    def attach_producer(self, handle: object, address: str | None, capacity: int) -> ProducerLink:
+    def attach_producer(
+        self, handle: object, address: str | None, capacity: int, owner: Any = None
+    ) -> ProducerLink:
         """A client attached a sending link; `address` None is an anonymous-relay link."""
-        link = ProducerLink(handle, address, capacity)
+        link = ProducerLink(handle, address, capacity, owner)
         if address is not None:
             link.entry = self._entry(address)
             link.entry.producers.append(link)

@@ -98,6 +98,11 @@ class _Lines:
                     return None
                 self._changed.wait(timeout=remaining)
 
+    @property
+    def closed(self) -> bool:
+        with self._changed:
+            return self._closed
+
     def tail(self, count: int = 20) -> str:
         with self._changed:
             return "\n".join(self._lines[-count:])
@@ -135,6 +140,8 @@ class Child:
         stream = self.stderr if on_stderr else self.stdout
         match = stream.expect(re.compile(pattern), time.monotonic() + timeout)
         if match is None:
+            if stream.closed:
+                raise self.failure(f"its output ended without a line matching {pattern!r}")
             raise self.failure(f"no output matching {pattern!r} within {timeout:.0f} s")
         return match
 

@@ -39,7 +39,7 @@ class AmqpConnection(asyncio.Protocol):
         self.container: str | None = None
         self.user: str | None = None
         self.sasl: SaslServer | None = SaslServer(
-            listener.sasl_mechanisms, allow_no_sasl=not listener.authenticate_peer
+            engine.mechanisms(listener), allow_no_sasl=not listener.authenticate_peer
         )
         self.transport: CData = ffi.NULL
         self.connection: CData = ffi.NULL

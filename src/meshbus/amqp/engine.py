@@ -23,6 +23,7 @@ from meshbus.amqp import pn
 from meshbus.amqp.connection import AmqpConnection
 from meshbus.amqp.peek import Scan, peek
 from meshbus.amqp.pn import CData
+from meshbus.config import ListenerConfig
 from meshbus.router.addressing import DistributionRules
 from meshbus.router.core import (
     ACCEPTED_KIND,
@@ -109,6 +110,10 @@ class Engine:
         pn.put_symbol_array(lib.pn_connection_offered_capabilities(connection), ["ANONYMOUS-RELAY"])
         self.by_connection[connection] = conn
         return connection
+
+    def mechanisms(self, listener: ListenerConfig) -> list[str]:
+        """The listener's SASL mechanisms that can succeed: PLAIN only with a users file."""
+        return [m for m in listener.sasl_mechanisms if m != "PLAIN" or self.users is not None]
 
     def verify_password(self, user: str, password: str) -> asyncio.Future[bool]:
         loop = asyncio.get_running_loop()

@@ -38,6 +38,14 @@ def run(config: RouterConfig) -> int:
 async def serve(config: RouterConfig) -> int:
     loop = asyncio.get_running_loop()
     users = UserDatabase.load(config.router.users_file) if config.router.users_file else None
+    if users is None:
+        for listener in config.listener:
+            if listener.authenticate_peer or listener.sasl_mechanisms == ["PLAIN"]:
+                raise SystemExit(
+                    f"meshbus: error: listener {listener.host}:{listener.port} requires PLAIN authentication "
+                    "but no users file is configured; set users_file in the [router] table "
+                    "(create it with `meshbus users add FILE USER`)"
+                )
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="meshbus-auth") as executor:
         engine = Engine(config.router.id, config.distribution_rules(), users, executor)
         servers = [await _listen(loop, engine, listener) for listener in config.listener]

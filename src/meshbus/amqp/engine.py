@@ -79,6 +79,7 @@ class Engine:
         self.links: dict[CData, ProducerLink | ConsumerLink] = {}
         self.streams: dict[CData, _Stream] = {}
         self._dirty: set[AmqpConnection] = set()
+        self._settle_later: list[tuple[ConsumerLink, CData]] = []
         self._flush_scheduled = False
         self._buffer = ffi.new("char[]", _READ_CHUNK)
         self._buffer_size = _READ_CHUNK
@@ -152,7 +153,7 @@ class Engine:
             pieces.append(ffi.unpack(buffer, size))
             lib.pn_transport_pop(transport, size)
         if pieces:
-            conn.socket.writelines(pieces)
+            conn.socket.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
         if pending < 0 and not conn.socket.is_closing():
             conn.socket.close()  # asyncio writes what is buffered first
 
@@ -239,7 +240,10 @@ class Engine:
         while True:
             event = peek_event(collector)
             if not event:
-                return
+                if not self._settle_later:
+                    return
+                self._settle_consumers()
+                continue
             handler = handlers.get(event_type(event))
             if handler is None:
                 pop_event(collector)  # most often PN_TRANSPORT: output is written once per loop turn anyway
@@ -579,7 +583,18 @@ class Engine:
         outcome = _OUTCOMES.get(kind) or _read_outcome(delivery, kind)
         self.core.consumer_outcome(link, delivery, outcome, settled)
         if settled:
-            lib.pn_delivery_settle(delivery)
+            self._settle_later.append((link, delivery))
+
+    def _settle_consumers(self) -> None:
+        """Free the deliveries consumers settled, after the batch of events that reported them.
+
+        Each settlement on a connection posts a PN_TRANSPORT event; settling the consumers' side in one
+        go, rather than alternating with the producers' side, lets proton fold those events into one.
+        """
+        batch, self._settle_later = self._settle_later, []
+        for link, delivery in batch:
+            if not link.closed:
+                lib.pn_delivery_settle(delivery)
 
     # -- the core's Edge protocol ------------------------------------------------------------------
 

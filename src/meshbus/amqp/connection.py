@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshbus.connection")
 
-# Writes beyond this many buffered bytes mark the connection slow: the router stops sending to it.
+# The router stops sending to a connection holding more than this many bytes not yet written to its socket,
+# and again while the socket's own buffer holds more than this: memory per slow consumer stays bounded.
 WRITE_HIGH_WATER = 1 << 20
 
 
@@ -45,7 +46,9 @@ class AmqpConnection(asyncio.Protocol):
         self.connection: CData = ffi.NULL
         self.links: set[CData] = set()
         self.deadline = 0  # next pn_transport_tick, ms (monotonic); 0 = none
-        self.slow_since: float | None = None
+        self.slow_since: float | None = None  # when the socket's write buffer filled up
+        self.unflushed = 0  # payload bytes handed to proton since the last flush
+        self.blocked = False  # its consumer links are held back (see WRITE_HIGH_WATER)
         self.reason: str | None = None
         self.verifying = False  # a password check is running off the event loop
         self.freed = False
@@ -89,11 +92,11 @@ class AmqpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.slow_since = time.monotonic()
-        self.engine.set_blocked(self, True)
+        self.engine.update_blocked(self)
 
     def resume_writing(self) -> None:
         self.slow_since = None
-        self.engine.set_blocked(self, False)
+        self.engine.update_blocked(self)
 
     # -- SASL ----------------------------------------------------------------------------------------
 

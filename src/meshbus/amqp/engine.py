@@ -20,7 +20,7 @@ from cproton_ffi import ffi, lib
 
 from meshbus import PRODUCT, __version__
 from meshbus.amqp import pn
-from meshbus.amqp.connection import AmqpConnection
+from meshbus.amqp.connection import WRITE_HIGH_WATER, AmqpConnection
 from meshbus.amqp.peek import Scan, peek
 from meshbus.amqp.pn import CData
 from meshbus.config import ListenerConfig
@@ -154,6 +154,10 @@ class Engine:
             lib.pn_transport_pop(transport, size)
         if pieces:
             conn.socket.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        if conn.unflushed:
+            conn.unflushed = 0
+            if conn.blocked:
+                self.update_blocked(conn)
         if pending < 0 and not conn.socket.is_closing():
             conn.socket.close()  # asyncio writes what is buffered first
 
@@ -220,7 +224,12 @@ class Engine:
         else:
             conn.socket.close()
 
-    def set_blocked(self, conn: AmqpConnection, blocked: bool) -> None:
+    def update_blocked(self, conn: AmqpConnection) -> None:
+        """Hold back or release the connection's consumer links as its unwritten output crosses the mark."""
+        blocked = conn.slow_since is not None or conn.unflushed > WRITE_HIGH_WATER
+        if blocked == conn.blocked:
+            return
+        conn.blocked = blocked
         now = time.time()
         for handle in list(conn.links):
             link = self.links.get(handle)
@@ -516,6 +525,7 @@ class Engine:
         for consumer, _ in stream.outputs:
             if not consumer.closed:
                 lib.pn_link_send(consumer.handle, ffi.from_buffer(chunk), len(chunk))
+                consumer.owner.unflushed += len(chunk)
                 self.mark(consumer.owner)
         if partial:
             return
@@ -604,14 +614,19 @@ class Engine:
         self._tag[0] += 1
         out = lib.pn_delivery(handle, self._tag_bytes)
         payload = delivery.payload
-        lib.pn_link_send(handle, ffi.from_buffer(payload), len(payload))
+        size = len(payload)
+        lib.pn_link_send(handle, ffi.from_buffer(payload), size)
+        conn = link.owner
+        conn.unflushed += size
+        if conn.unflushed > WRITE_HIGH_WATER and not conn.blocked:
+            self.update_blocked(conn)
         if delivery.complete:
             lib.pn_link_advance(handle)
             if delivery.settled or link.settle_on_send:
                 lib.pn_delivery_settle(out)
         else:
             self.streams[delivery.handle].outputs.append((link, out))
-        self.mark(link.owner)
+        self.mark(conn)
         return out
 
     def settle(self, delivery: Delivery, outcome: Outcome) -> None:

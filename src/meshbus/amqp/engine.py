@@ -413,19 +413,24 @@ class Engine:
         if link is None:
             return
         if link.__class__ is ConsumerLink:
-            self._on_disposition(link, delivery)
+            # A consumer's disposition of a delivery we sent it.
+            settled = lib.pn_delivery_settled(delivery)
+            kind = lib.pn_delivery_remote_state(delivery)
+            if kind or settled:
+                outcome = _OUTCOMES.get(kind) or _read_outcome(delivery, kind)
+                self.core.consumer_outcome(link, delivery, outcome, settled)
+                if settled:
+                    self._settle_later.append((link, delivery))
             return
         assert isinstance(link, ProducerLink)
-        if delivery in self.streams:
+        if self.streams and delivery in self.streams:
             self._continue(delivery, handle)
-        elif delivery in link.inflight:
-            if lib.pn_delivery_settled(delivery):
-                self.core.producer_settled(link, delivery)
-                lib.pn_delivery_settle(delivery)
         elif lib.pn_delivery_readable(delivery):
             self._arrive(link, delivery, handle)
-        elif lib.pn_delivery_aborted(delivery):
-            lib.pn_delivery_settle(delivery)  # aborted before its first byte reached us
+        elif lib.pn_delivery_settled(delivery):
+            # The producer settled first (or aborted before its first byte reached us).
+            self.core.producer_settled(link, delivery)
+            lib.pn_delivery_settle(delivery)
 
     def _read(self, link_handle: CData, delivery: CData) -> bytes:
         size = lib.pn_delivery_pending(delivery)
@@ -443,7 +448,8 @@ class Engine:
             self._refuse_oversize(link, delivery, handle, partial)
             return
         now = time.time()
-        to, deadline, known = _routing_fields(payload, now)
+        to, ttl, expiry, scan = peek(payload)
+        deadline = None if ttl is None and not expiry else _deadline(now, ttl, expiry)
         if not partial:
             # The common case, a message in one transfer: forward it now.
             lib.pn_link_advance(handle)
@@ -454,7 +460,7 @@ class Engine:
             if settled:
                 lib.pn_delivery_settle(delivery)
             return
-        if not known:
+        if scan is Scan.INCOMPLETE:
             # The headers did not fit in the first frames: wait for more (bounded by the message size limit).
             self.streams[delivery] = _Stream(len(payload), bytearray(payload))
             return
@@ -513,8 +519,9 @@ class Engine:
             buffered = stream.buffer
             assert buffered is not None
             buffered += chunk
-            to, deadline, known = _routing_fields(buffered, time.time())
-            if known or not partial:
+            to, ttl, expiry, scan = peek(buffered)
+            if scan is not Scan.INCOMPLETE or not partial:
+                deadline = None if ttl is None and not expiry else _deadline(time.time(), ttl, expiry)
                 if not partial:
                     del self.streams[delivery]
                 self._route(link, delivery, handle, buffered, partial, to, deadline)
@@ -585,16 +592,6 @@ class Engine:
             lib.pn_delivery_settle(delivery)
             self.core.refused_arrival(link)
 
-    def _on_disposition(self, link: ConsumerLink, delivery: CData) -> None:
-        settled = lib.pn_delivery_settled(delivery)
-        kind = lib.pn_delivery_remote_state(delivery)
-        if not kind and not settled:
-            return
-        outcome = _OUTCOMES.get(kind) or _read_outcome(delivery, kind)
-        self.core.consumer_outcome(link, delivery, outcome, settled)
-        if settled:
-            self._settle_later.append((link, delivery))
-
     def _settle_consumers(self) -> None:
         """Free the deliveries consumers settled, after the batch of events that reported them.
 
@@ -664,15 +661,12 @@ def _now_ms() -> int:
     return int(time.monotonic() * 1000)
 
 
-def _routing_fields(payload: bytes | bytearray, now: float) -> tuple[str | None, float | None, bool]:
-    """`to`, the expiry deadline (epoch seconds) and whether the headers were all there."""
-    to, ttl, expiry, scan = peek(payload)
-    deadline = None
-    if ttl is not None:
-        deadline = now + ttl / 1000
+def _deadline(now: float, ttl: int | None, expiry: int | None) -> float:
+    """When a message expires, in epoch seconds, from its header's ttl and its absolute-expiry-time (ms)."""
+    candidates = [now + ttl / 1000] if ttl is not None else []
     if expiry:
-        deadline = expiry / 1000 if deadline is None else min(deadline, expiry / 1000)
-    return to, deadline, scan is not Scan.INCOMPLETE
+        candidates.append(expiry / 1000)
+    return min(candidates)
 
 
 def _read_outcome(delivery: CData, kind: int) -> Outcome:

@@ -22,6 +22,8 @@ class Scan(enum.Enum):
     MALFORMED = "malformed"  # not an AMQP message; the fields found before the garbage are returned
 
 
+_COMPLETE, _INCOMPLETE, _MALFORMED = Scan.COMPLETE, Scan.INCOMPLETE, Scan.MALFORMED  # 60 ns less per access
+
 # (to, ttl in ms, absolute expiry in ms since the epoch, scan). A plain tuple: a NamedTuple costs 0.2 us.
 Peeked = tuple[str | None, int | None, int | None, Scan]
 Buffer = bytes | bytearray | memoryview
@@ -95,8 +97,8 @@ def peek(buf: Buffer) -> Peeked:
                     raise _Malformed
                 # header.ttl and properties.to are field 2, absolute-expiry-time field 8. Encoders drop
                 # trailing nulls, so a short properties list tells that the expiry is unset.
-                last = 8 if section == _PROPERTIES and count > 8 else 2
-                for index in range(min(count, last + 1)):
+                stop = 9 if section == _PROPERTIES and count > 8 else count if count < 3 else 3
+                for index in range(stop):
                     code = buf[pos]
                     if code != 0x40:  # null
                         if index == 2:
@@ -114,10 +116,10 @@ def peek(buf: Buffer) -> Peeked:
                     else:
                         pos = _skip(buf, pos)
                 if section == _PROPERTIES:
-                    return to, ttl, expiry, Scan.COMPLETE
+                    return to, ttl, expiry, _COMPLETE
                 pos = end
             elif section in _BODY:
-                return to, ttl, expiry, Scan.COMPLETE
+                return to, ttl, expiry, _COMPLETE
             elif section in _SKIPPED:
                 pos = _skip(buf, pos)
             else:
@@ -125,8 +127,8 @@ def peek(buf: Buffer) -> Peeked:
     except (IndexError, struct.error):  # read past the end of buf
         pass
     except (_Malformed, UnicodeDecodeError):
-        return to, ttl, expiry, Scan.MALFORMED
-    return to, ttl, expiry, Scan.INCOMPLETE
+        return to, ttl, expiry, _MALFORMED
+    return to, ttl, expiry, _INCOMPLETE
 
 
 def _descriptor(buf: Buffer, pos: int) -> tuple[int, int]:

@@ -262,9 +262,8 @@ class RouterCore:
     def _replenish(self, link: ProducerLink) -> None:
         if link.closed or (link.entry is not None and not link.entry.consumers):
             return
-        # Credit is given back in batches of a quarter of the capacity to keep flow frames rare.
         grant = link.capacity - link.held - link.credit
-        if grant > 0 and (grant * 4 >= link.capacity or link.credit == 0):
+        if grant > 0:
             link.credit += grant
             self._edge.flow(link, grant)
 
@@ -351,7 +350,8 @@ class RouterCore:
                 self._offer(consumer, delivery)
         else:
             delivery.pending = 1
-            self._offer(self._choose(entry), delivery)
+            consumers = entry.consumers
+            self._offer(consumers[0] if len(consumers) == 1 else self._choose(entry), delivery)
         if not delivery.queued:
             self._move_on(delivery)
         return delivery
@@ -406,7 +406,8 @@ class RouterCore:
         delivery.moved_on = True
         link = delivery.link
         link.held -= 1
-        if not link.closed:
+        # Credit is given back in batches of a quarter of the capacity to keep flow frames rare.
+        if (link.capacity - link.held - link.credit) * 4 >= link.capacity and not link.closed:
             self._replenish(link)
 
     def _finish(self, delivery: Delivery, outcome: Outcome) -> None:
@@ -458,7 +459,15 @@ class RouterCore:
                 self._edge.update(delivery, outcome)
             return
         delivery = link.inflight.pop(handle, None)
-        if delivery is not None:
+        if delivery is None:
+            return
+        if delivery.unicast:  # the common case, without the multicast bookkeeping
+            delivery.pending = 0
+            if not delivery.settled:
+                delivery.settled = True
+                del delivery.link.inflight[delivery.handle]
+                self._edge.settle(delivery, outcome)
+        else:
             self._copy_settled(delivery, outcome)
 
     def producer_settled(self, link: ProducerLink, handle: object) -> None:

@@ -1,0 +1,189 @@
+"""Credit, drain, no-consumer releases and expiry, seen by real clients through a real router."""
+
+from __future__ import annotations
+
+import time
+
+from proton import Delivery, Event, Message
+
+from tests.integration.clients import Client, Exchange, numbered, run, the
+from tests.integration.conftest import Router
+from tests.integration.test_routing import unique
+
+ALONE = 0.5  # seconds a producer waits with no consumer on its address
+
+
+class CreditWatch(Client):
+    """A producer attaches alone; after ALONE seconds a consumer attaches, and detaches once credit came."""
+
+    def __init__(self, url: str, address: str) -> None:
+        super().__init__(url)
+        self.address = address
+        self.phase = "alone"
+        self.credit_seen: dict[str, list[int]] = {
+            "alone": [],
+            "consumer attached": [],
+            "consumer detached": [],
+        }
+        self.credit_after_waiting: int | None = None
+
+    def begin(self) -> None:
+        self.sender = self.container.create_sender(self.connect(), self.address, name="producer")
+
+    def on_link_opened(self, event: Event) -> None:
+        if event.link == self.sender:
+            self.later(ALONE, self.attach_consumer)
+
+    def attach_consumer(self) -> None:
+        self.credit_after_waiting = self.sender.credit
+        self.phase = "consumer attached"
+        self.receiver = self.container.create_receiver(self.connect(), self.address, name="consumer")
+
+    def on_link_flow(self, event: Event) -> None:
+        if event.link != self.sender:
+            return
+        credit = self.sender.credit
+        self.credit_seen[self.phase].append(credit)
+        if self.phase == "consumer attached" and credit > 0:
+            self.phase = "consumer detached"
+            self.receiver.close()
+        elif self.phase == "consumer detached" and credit == 0:
+            self.done()
+
+
+def test_credit_is_withheld_until_a_consumer_attaches_and_withdrawn_when_it_goes(
+    default_router: Router,
+) -> None:
+    client = run(CreditWatch(default_router.url, unique("test/credit")))
+    print("producer credit by phase:", client.credit_seen)
+    assert client.credit_after_waiting == 0
+    assert all(credit == 0 for credit in client.credit_seen["alone"])
+    assert max(client.credit_seen["consumer attached"]) > 0
+    assert client.credit_seen["consumer detached"][-1] == 0
+
+
+def test_released_at_once_when_no_consumer_on_an_anonymous_relay_link(default_router: Router) -> None:
+    exchange = run(
+        Exchange(default_router.url, unique("test/nobody"), numbered("lost", 3), [], anonymous=True)
+    )
+    outcomes = exchange.settled_outcomes()
+    print("released after (s):", [round(o.seconds, 4) for o in outcomes])
+    assert [o.name for o in outcomes] == ["released"] * 3
+    assert max(o.seconds for o in outcomes) < 2.0
+
+
+class Drainer(Client):
+    """A consumer with no credit on the same connection as a producer that first sends `queued` messages to
+    it (they wait in the router); then the consumer asks to drain with `credit`."""
+
+    def __init__(self, url: str, address: str, queued: int, credit: int = 5) -> None:
+        super().__init__(url, prefetch=0)
+        self.address = address
+        self.queued = queued
+        self.credit = credit
+        self.received: list[object] = []
+        self.accepted = 0
+        self.drain_started = False
+        self.credit_after_drain: int | None = None
+
+    def begin(self) -> None:
+        connection = self.connect()
+        self.receiver = self.container.create_receiver(connection, self.address, name="consumer")
+        self.sender = self.container.create_sender(connection, self.address, name="producer")
+
+    def on_sendable(self, event: Event) -> None:
+        if self.sender.credit and self.queued and not self.drain_started:
+            for message in numbered("queued", self.queued):
+                self.sender.send(message)
+            # The transfers are written out before the flow frame starting the drain: same socket, in order.
+            self.later(0.1, self.drain)
+            self.drain_started = True
+
+    def on_link_opened(self, event: Event) -> None:
+        if event.link == self.receiver and not self.queued:
+            self.drain()
+
+    def drain(self) -> None:
+        self.drain_started = True
+        self.receiver.drain(self.credit)
+
+    def on_message(self, event: Event) -> None:
+        self.received.append(event.message.body)
+
+    def on_accepted(self, event: Event) -> None:
+        self.accepted += 1
+        self._check_done()
+
+    def on_link_flow(self, event: Event) -> None:
+        if event.link == self.receiver and self.drain_started and not self.receiver.draining():
+            self.credit_after_drain = self.receiver.credit
+            self._check_done()
+
+    def _check_done(self) -> None:
+        if self.credit_after_drain is not None and self.accepted == self.queued:
+            self.done()
+
+
+def test_drain_with_nothing_to_send_spends_the_credit(default_router: Router) -> None:
+    client = run(Drainer(default_router.url, unique("test/drain"), queued=0))
+    assert client.credit_after_drain == 0
+    assert client.received == []
+
+
+def test_drain_with_messages_queued_delivers_them_then_spends_the_rest(default_router: Router) -> None:
+    client = run(Drainer(default_router.url, unique("test/drain"), queued=3))
+    assert client.received == ["queued-0", "queued-1", "queued-2"]
+    assert client.credit_after_drain == 0
+
+
+def test_a_message_already_expired_is_not_delivered_and_comes_back_undeliverable(
+    default_router: Router,
+) -> None:
+    stale = Message(body="stale", expiry_time=time.time() - 60)  # absolute-expiry-time in the past
+    exchange = run(Exchange(default_router.url, unique("test/expiry"), [stale, Message(body="fresh")]))
+    assert exchange.bodies(0) == ["fresh"]
+    expired, fresh = exchange.settled_outcomes()
+    assert (expired.name, expired.undeliverable) == ("modified", True)
+    assert fresh.name == "accepted"
+
+
+class ExpiryWhileQueued(Client):
+    """A message with a short ttl waits behind a consumer without credit; once the producer has its outcome,
+    the consumer gets credit for one message and a fresh one is sent: that is the one it must receive."""
+
+    def __init__(self, url: str, address: str) -> None:
+        super().__init__(url, prefetch=0)
+        self.address = address
+        self.outcomes: dict[str, tuple[int, bool]] = {}
+        self.received: list[object] = []
+        self._sent: dict[object, str] = {}  # the body of each delivery
+
+    def begin(self) -> None:
+        self.receiver = self.container.create_receiver(self.connect(), self.address, name="consumer")
+        self.sender = self.container.create_sender(self.connect(), self.address, name="producer")
+
+    def on_sendable(self, event: Event) -> None:
+        if not self._sent:
+            self._sent[self.sender.send(Message(body="short-lived", ttl=0.3))] = "short-lived"
+
+    def on_settled(self, event: Event) -> None:
+        body = self._sent.get(event.delivery)
+        if body is None:
+            return
+        delivery = the(event.delivery)
+        self.outcomes[body] = (delivery.remote_state, bool(delivery.remote.undeliverable))
+        if body == "short-lived":
+            self.receiver.flow(1)
+            self._sent[self.sender.send(Message(body="fresh"))] = "fresh"
+        else:
+            self.done()
+
+    def on_message(self, event: Event) -> None:
+        self.received.append(event.message.body)
+
+
+def test_a_message_expiring_while_queued_is_not_delivered_when_credit_comes(default_router: Router) -> None:
+    client = run(ExpiryWhileQueued(default_router.url, unique("test/expiry")))
+    assert client.outcomes["short-lived"] == (Delivery.MODIFIED, True)
+    assert client.outcomes["fresh"] == (Delivery.ACCEPTED, False)
+    assert client.received == ["fresh"]

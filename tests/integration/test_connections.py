@@ -21,10 +21,10 @@ import meshbus
 from tests.integration.clients import (
     Client,
     Exchange,
+    PollSelector,
     RawPeer,
     Running,
     numbered,
-    poll_select,
     run,
     the,
 )
@@ -207,8 +207,9 @@ def many_descriptors(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if hard != resource.RLIM_INFINITY and hard < DESCRIPTORS:
             pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below {DESCRIPTORS}")
         resource.setrlimit(resource.RLIMIT_NOFILE, (DESCRIPTORS, hard))
-    monkeypatch.setattr(IO, "select", staticmethod(poll_select))
+    monkeypatch.setattr(IO, "Selector", PollSelector)
     yield
+    PollSelector.close_all()  # after a failure, so that later tests do not inherit a thousand sockets
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 

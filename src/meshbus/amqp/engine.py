@@ -113,8 +113,10 @@ class Engine:
         return connection
 
     def mechanisms(self, listener: ListenerConfig) -> list[str]:
-        """The listener's SASL mechanisms that can succeed: PLAIN only with a users file."""
-        return [m for m in listener.sasl_mechanisms if m != "PLAIN" or self.users is not None]
+        """The listener's SASL mechanisms that can succeed: PLAIN only with a users file, and no ANONYMOUS
+        where the listener must authenticate its peers."""
+        usable = {"PLAIN": self.users is not None, "ANONYMOUS": not listener.authenticate_peer}
+        return [m for m in listener.sasl_mechanisms if usable[m]]
 
     def verify_password(self, user: str, password: str) -> asyncio.Future[bool]:
         loop = asyncio.get_running_loop()

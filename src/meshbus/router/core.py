@@ -239,10 +239,9 @@ class RouterCore:
         for delivery in list(link.inflight.values()):
             self._copy_settled(delivery, CONSUMER_LOST)
         link.inflight.clear()
+        # A delivery still streaming to it is among the unsettled ones above (or was pre-settled).
+        link.streaming = None
         queued, link.queue = link.queue, deque()
-        streaming, link.streaming = link.streaming, None
-        if streaming is not None:
-            self._copy_settled(streaming, CONSUMER_LOST)
         for delivery in queued:
             delivery.queued -= 1
             if delivery.unicast and entry.consumers and not delivery.aborted:

@@ -13,7 +13,18 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from cproton_ffi import ffi, lib
+from cproton_ffi import ffi
+from cproton_ffi.lib import (  # bound once: an attribute lookup on `lib` per call costs
+    pn_transport,
+    pn_transport_bind,
+    pn_transport_capacity,
+    pn_transport_close_tail,
+    pn_transport_push,
+    pn_transport_require_auth,
+    pn_transport_set_idle_timeout,
+    pn_transport_set_max_frame,
+    pn_transport_set_server,
+)
 
 from meshbus.amqp.pn import CData
 from meshbus.amqp.sasl import SaslError, SaslServer, SaslState
@@ -61,13 +72,13 @@ class AmqpConnection(asyncio.Protocol):
         socket.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.transport = lib.pn_transport()
-        lib.pn_transport_set_server(self.transport)
-        lib.pn_transport_require_auth(self.transport, False)
-        lib.pn_transport_set_max_frame(self.transport, self.listener.max_frame_size)
-        lib.pn_transport_set_idle_timeout(self.transport, int(self.listener.idle_timeout * 1000))
+        self.transport = pn_transport()
+        pn_transport_set_server(self.transport)
+        pn_transport_require_auth(self.transport, False)
+        pn_transport_set_max_frame(self.transport, self.listener.max_frame_size)
+        pn_transport_set_idle_timeout(self.transport, int(self.listener.idle_timeout * 1000))
         self.connection = self.engine.new_connection(self)
-        lib.pn_transport_bind(self.transport, self.connection)
+        pn_transport_bind(self.transport, self.connection)
         self.engine.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -80,7 +91,7 @@ class AmqpConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if not self.freed:
             self.reason = self.reason or "peer closed the socket"
-            lib.pn_transport_close_tail(self.transport)
+            pn_transport_close_tail(self.transport)
             self.engine.process()
             self.engine.flush(self)
         return False
@@ -151,11 +162,11 @@ class AmqpConnection(asyncio.Protocol):
         transport = self.transport
         view = memoryview(data)
         while view:
-            capacity = lib.pn_transport_capacity(transport)
+            capacity = pn_transport_capacity(transport)
             if capacity <= 0:
                 break  # input side closed (error or Close): the rest is ignored
             chunk = view[:capacity]
-            lib.pn_transport_push(transport, ffi.from_buffer(chunk), len(chunk))
+            pn_transport_push(transport, ffi.from_buffer(chunk), len(chunk))
             view = view[capacity:]
             self.engine.process()
         self.engine.mark(self)

@@ -16,7 +16,97 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-from cproton_ffi import ffi, lib
+from cproton_ffi import ffi
+from cproton_ffi.lib import (  # bound once: an attribute lookup on `lib` per call costs
+    PN_CONNECTION_REMOTE_CLOSE,
+    PN_CONNECTION_REMOTE_OPEN,
+    PN_DELIVERY,
+    PN_LINK_FLOW,
+    PN_LINK_REMOTE_CLOSE,
+    PN_LINK_REMOTE_DETACH,
+    PN_LINK_REMOTE_OPEN,
+    PN_SESSION_REMOTE_CLOSE,
+    PN_SESSION_REMOTE_OPEN,
+    PN_SND_SETTLED,
+    PN_TRANSPORT_CLOSED,
+    PN_TRANSPORT_ERROR,
+    pn_collector,
+    pn_collector_peek,
+    pn_collector_pop,
+    pn_connection,
+    pn_connection_close,
+    pn_connection_collect,
+    pn_connection_condition,
+    pn_connection_offered_capabilities,
+    pn_connection_open,
+    pn_connection_properties,
+    pn_connection_release,
+    pn_connection_remote_condition,
+    pn_connection_remote_container,
+    pn_connection_set_container,
+    pn_decref,
+    pn_delivery,
+    pn_delivery_abort,
+    pn_delivery_aborted,
+    pn_delivery_link,
+    pn_delivery_local,
+    pn_delivery_partial,
+    pn_delivery_pending,
+    pn_delivery_readable,
+    pn_delivery_remote,
+    pn_delivery_remote_state,
+    pn_delivery_settle,
+    pn_delivery_settled,
+    pn_delivery_update,
+    pn_disposition_condition,
+    pn_disposition_is_failed,
+    pn_disposition_is_undeliverable,
+    pn_disposition_set_failed,
+    pn_disposition_set_undeliverable,
+    pn_event_connection,
+    pn_event_delivery,
+    pn_event_link,
+    pn_event_session,
+    pn_event_transport,
+    pn_event_type,
+    pn_link_advance,
+    pn_link_close,
+    pn_link_condition,
+    pn_link_credit,
+    pn_link_drained,
+    pn_link_flow,
+    pn_link_free,
+    pn_link_get_drain,
+    pn_link_is_sender,
+    pn_link_open,
+    pn_link_recv,
+    pn_link_remote_rcv_settle_mode,
+    pn_link_remote_snd_settle_mode,
+    pn_link_remote_source,
+    pn_link_remote_target,
+    pn_link_send,
+    pn_link_session,
+    pn_link_set_max_message_size,
+    pn_link_set_rcv_settle_mode,
+    pn_link_set_snd_settle_mode,
+    pn_link_source,
+    pn_link_target,
+    pn_session_close,
+    pn_session_connection,
+    pn_session_open,
+    pn_terminus_copy,
+    pn_terminus_is_dynamic,
+    pn_terminus_set_address,
+    pn_transport_close_head,
+    pn_transport_close_tail,
+    pn_transport_condition,
+    pn_transport_connection,
+    pn_transport_peek,
+    pn_transport_pending,
+    pn_transport_pop,
+    pn_transport_tick,
+    pn_transport_unbind,
+)
 
 from meshbus import PRODUCT, __version__
 from meshbus.amqp import pn
@@ -70,7 +160,7 @@ class Engine:
         executor: Executor | None = None,
     ) -> None:
         self.router_id = router_id
-        self.collector = lib.pn_collector()
+        self.collector = pn_collector()
         self.core = RouterCore(self, rules, dynamic_prefix=f"_dynamic/{router_id}/{time.time_ns():x}.")
         self.users = users
         self.executor = executor
@@ -86,29 +176,27 @@ class Engine:
         self._tag = ffi.new("uint64_t[1]")
         self._tag_bytes = (8, ffi.cast("char *", self._tag))  # a pn_bytes_t over the counter
         self._handlers: dict[int, Callable[[CData], None]] = {
-            lib.PN_CONNECTION_REMOTE_OPEN: self._on_connection_open,
-            lib.PN_CONNECTION_REMOTE_CLOSE: self._on_connection_close,
-            lib.PN_SESSION_REMOTE_OPEN: self._on_session_open,
-            lib.PN_SESSION_REMOTE_CLOSE: self._on_session_close,
-            lib.PN_LINK_REMOTE_OPEN: self._on_link_open,
-            lib.PN_LINK_REMOTE_CLOSE: self._on_link_close,
-            lib.PN_LINK_REMOTE_DETACH: self._on_link_close,
-            lib.PN_LINK_FLOW: self._on_flow,
-            lib.PN_DELIVERY: self._on_delivery,
-            lib.PN_TRANSPORT_ERROR: self._on_transport_error,
-            lib.PN_TRANSPORT_CLOSED: self._on_transport_closed,
+            PN_CONNECTION_REMOTE_OPEN: self._on_connection_open,
+            PN_CONNECTION_REMOTE_CLOSE: self._on_connection_close,
+            PN_SESSION_REMOTE_OPEN: self._on_session_open,
+            PN_SESSION_REMOTE_CLOSE: self._on_session_close,
+            PN_LINK_REMOTE_OPEN: self._on_link_open,
+            PN_LINK_REMOTE_CLOSE: self._on_link_close,
+            PN_LINK_REMOTE_DETACH: self._on_link_close,
+            PN_LINK_FLOW: self._on_flow,
+            PN_DELIVERY: self._on_delivery,
+            PN_TRANSPORT_ERROR: self._on_transport_error,
+            PN_TRANSPORT_CLOSED: self._on_transport_closed,
         }
 
     # -- connections ---------------------------------------------------------------------------------
 
     def new_connection(self, conn: AmqpConnection) -> CData:
-        connection = lib.pn_connection()
-        lib.pn_connection_collect(connection, self.collector)
-        lib.pn_connection_set_container(connection, self.router_id.encode())
-        pn.put_symbol_map(
-            lib.pn_connection_properties(connection), {"product": PRODUCT, "version": __version__}
-        )
-        pn.put_symbol_array(lib.pn_connection_offered_capabilities(connection), ["ANONYMOUS-RELAY"])
+        connection = pn_connection()
+        pn_connection_collect(connection, self.collector)
+        pn_connection_set_container(connection, self.router_id.encode())
+        pn.put_symbol_map(pn_connection_properties(connection), {"product": PRODUCT, "version": __version__})
+        pn.put_symbol_array(pn_connection_offered_capabilities(connection), ["ANONYMOUS-RELAY"])
         self.by_connection[connection] = conn
         return connection
 
@@ -147,13 +235,13 @@ class Engine:
         buffer = self._buffer
         pieces = []
         while True:
-            pending = lib.pn_transport_pending(transport)
+            pending = pn_transport_pending(transport)
             if pending <= 0:
                 break
             size = min(pending, self._buffer_size)
-            lib.pn_transport_peek(transport, buffer, size)
+            pn_transport_peek(transport, buffer, size)
             pieces.append(ffi.unpack(buffer, size))
-            lib.pn_transport_pop(transport, size)
+            pn_transport_pop(transport, size)
         if pieces:
             conn.socket.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
         if conn.unflushed:
@@ -170,7 +258,7 @@ class Engine:
             if conn.freed:
                 continue
             if now_ms >= conn.deadline:
-                conn.deadline = lib.pn_transport_tick(conn.transport, now_ms)
+                conn.deadline = pn_transport_tick(conn.transport, now_ms)
                 self.process()
                 self.mark(conn)
             stuck = conn.slow_since
@@ -186,8 +274,8 @@ class Engine:
         self.connections.discard(conn)
         self._dirty.discard(conn)
         if conn.transport:
-            lib.pn_transport_close_tail(conn.transport)
-            lib.pn_transport_close_head(conn.transport)
+            pn_transport_close_tail(conn.transport)
+            pn_transport_close_head(conn.transport)
             self.process()
         for link in list(conn.links):
             self._forget_link(link)
@@ -199,9 +287,9 @@ class Engine:
             conn.reason or "closed",
         )
         if conn.transport:
-            lib.pn_transport_unbind(conn.transport)
-            lib.pn_decref(conn.transport)
-            lib.pn_connection_release(conn.connection)
+            pn_transport_unbind(conn.transport)
+            pn_decref(conn.transport)
+            pn_connection_release(conn.connection)
             conn.transport = conn.connection = ffi.NULL
 
     def close_all(self) -> None:
@@ -209,15 +297,15 @@ class Engine:
         for conn in list(self.connections):
             conn.reason = "router shutting down"
             if conn.connection and conn.sasl is None:
-                lib.pn_connection_close(conn.connection)
+                pn_connection_close(conn.connection)
                 self.flush(conn)
             elif conn.socket is not None:
                 conn.socket.close()
 
     def _close_connection(self, conn: AmqpConnection, name: str, description: str) -> None:
         conn.reason = f"{name}: {description}"
-        pn.set_condition(lib.pn_connection_condition(conn.connection), name, description)
-        lib.pn_connection_close(conn.connection)
+        pn.set_condition(pn_connection_condition(conn.connection), name, description)
+        pn_connection_close(conn.connection)
         self.flush(conn)
         if conn.socket is None:
             return
@@ -247,138 +335,137 @@ class Engine:
         """Handle every event in the collector."""
         collector = self.collector
         handlers = self._handlers
-        peek_event, pop_event, event_type = lib.pn_collector_peek, lib.pn_collector_pop, lib.pn_event_type
         while True:
-            event = peek_event(collector)
+            event = pn_collector_peek(collector)
             if not event:
                 if not self._settle_later:
                     return
                 self._settle_consumers()
                 continue
-            handler = handlers.get(event_type(event))
+            handler = handlers.get(pn_event_type(event))
             if handler is None:
-                pop_event(collector)  # most often PN_TRANSPORT: output is written once per loop turn anyway
+                pn_collector_pop(collector)  # mostly PN_TRANSPORT: output is written once per loop turn
                 continue
             try:
                 handler(event)
             except Exception:
-                conn = self.by_connection.get(lib.pn_event_connection(event))
+                conn = self.by_connection.get(pn_event_connection(event))
                 log.exception("internal error handling an event; closing connection %s", conn and conn.peer)
                 if conn is not None:
                     self._close_connection(conn, "amqp:internal-error", "router internal error")
             finally:
-                pop_event(collector)
+                pn_collector_pop(collector)
 
     def _on_connection_open(self, event: CData) -> None:
-        connection = lib.pn_event_connection(event)
+        connection = pn_event_connection(event)
         conn = self.by_connection.get(connection)
         if conn is None:
             return
-        conn.container = pn.text(lib.pn_connection_remote_container(connection))
-        lib.pn_connection_open(connection)
+        conn.container = pn.text(pn_connection_remote_container(connection))
+        pn_connection_open(connection)
         log.info("connection opened: peer=%s container=%s user=%s", conn.peer, conn.container, conn.user)
         self.mark(conn)
 
     def _on_connection_close(self, event: CData) -> None:
-        connection = lib.pn_event_connection(event)
+        connection = pn_event_connection(event)
         conn = self.by_connection.get(connection)
         if conn is None:
             return
-        error = pn.condition(lib.pn_connection_remote_condition(connection))
+        error = pn.condition(pn_connection_remote_condition(connection))
         conn.reason = f"peer closed: {error[0]}: {error[1]}" if error else "peer closed"
-        lib.pn_connection_close(connection)
+        pn_connection_close(connection)
         self.mark(conn)
 
     def _on_session_open(self, event: CData) -> None:
-        session = lib.pn_event_session(event)
-        lib.pn_session_open(session)
+        session = pn_event_session(event)
+        pn_session_open(session)
 
     def _on_session_close(self, event: CData) -> None:
-        session = lib.pn_event_session(event)
-        conn = self.by_connection.get(lib.pn_session_connection(session))
+        session = pn_event_session(event)
+        conn = self.by_connection.get(pn_session_connection(session))
         if conn is not None:
-            for handle in [h for h in conn.links if lib.pn_link_session(h) == session]:
+            for handle in [h for h in conn.links if pn_link_session(h) == session]:
                 self._forget_link(handle)
-        lib.pn_session_close(session)
+        pn_session_close(session)
 
     def _on_transport_error(self, event: CData) -> None:
-        transport = lib.pn_event_transport(event)
-        conn = self.by_connection.get(lib.pn_transport_connection(transport))
-        error = pn.condition(lib.pn_transport_condition(transport))
+        transport = pn_event_transport(event)
+        conn = self.by_connection.get(pn_transport_connection(transport))
+        error = pn.condition(pn_transport_condition(transport))
         if conn is not None and error is not None:
             conn.reason = conn.reason or f"{error[0]}: {error[1]}"
             log.warning("connection error: peer=%s %s: %s", conn.peer, error[0], error[1])
 
     def _on_transport_closed(self, event: CData) -> None:
-        conn = self.by_connection.get(lib.pn_transport_connection(lib.pn_event_transport(event)))
+        conn = self.by_connection.get(pn_transport_connection(pn_event_transport(event)))
         if conn is not None:
             self.mark(conn)
 
     # -- links ---------------------------------------------------------------------------------------
 
     def _on_link_open(self, event: CData) -> None:
-        handle = lib.pn_event_link(event)
-        conn = self.by_connection.get(lib.pn_session_connection(lib.pn_link_session(handle)))
+        handle = pn_event_link(event)
+        conn = self.by_connection.get(pn_session_connection(pn_link_session(handle)))
         if conn is None:
             return
         try:
-            if lib.pn_link_is_sender(handle):
+            if pn_link_is_sender(handle):
                 link: ProducerLink | ConsumerLink = self._attach_consumer(handle, conn)
             else:
                 link = self._attach_producer(handle, conn)
         except AttachError as error:
-            pn.set_condition(lib.pn_link_condition(handle), error.condition, error.description)
-            lib.pn_link_open(handle)
-            lib.pn_link_close(handle)
+            pn.set_condition(pn_link_condition(handle), error.condition, error.description)
+            pn_link_open(handle)
+            pn_link_close(handle)
             log.info("attach refused: peer=%s %s", conn.peer, error.description)
             self.mark(conn)
             return
         self.links[handle] = link
         conn.links.add(handle)
-        lib.pn_link_open(handle)
+        pn_link_open(handle)
         self.mark(conn)
 
     def _attach_consumer(self, handle: CData, conn: AmqpConnection) -> ConsumerLink:
-        remote = lib.pn_link_remote_source(handle)
-        dynamic = bool(lib.pn_terminus_is_dynamic(remote))
+        remote = pn_link_remote_source(handle)
+        dynamic = bool(pn_terminus_is_dynamic(remote))
         address = None if dynamic else pn.terminus_address(remote)
         if address is None and not dynamic:
             raise AttachError(
                 "amqp:invalid-field", "a receiving link needs a source address or a dynamic source"
             )
-        settle_on_send = lib.pn_link_remote_snd_settle_mode(handle) == lib.PN_SND_SETTLED
+        settle_on_send = pn_link_remote_snd_settle_mode(handle) == PN_SND_SETTLED
         link = self.core.attach_consumer(handle, address, settle_on_send, conn)
-        local = lib.pn_link_source(handle)
-        lib.pn_terminus_copy(local, remote)
-        lib.pn_terminus_copy(lib.pn_link_target(handle), lib.pn_link_remote_target(handle))
-        lib.pn_link_set_snd_settle_mode(handle, lib.pn_link_remote_snd_settle_mode(handle))
-        lib.pn_link_set_rcv_settle_mode(handle, lib.pn_link_remote_rcv_settle_mode(handle))
+        local = pn_link_source(handle)
+        pn_terminus_copy(local, remote)
+        pn_terminus_copy(pn_link_target(handle), pn_link_remote_target(handle))
+        pn_link_set_snd_settle_mode(handle, pn_link_remote_snd_settle_mode(handle))
+        pn_link_set_rcv_settle_mode(handle, pn_link_remote_rcv_settle_mode(handle))
         if dynamic:
-            lib.pn_terminus_set_address(local, link.address.encode())
+            pn_terminus_set_address(local, link.address.encode())
         return link
 
     def _attach_producer(self, handle: CData, conn: AmqpConnection) -> ProducerLink:
         listener = conn.listener
-        remote = lib.pn_link_remote_target(handle)
-        dynamic = bool(lib.pn_terminus_is_dynamic(remote))
+        remote = pn_link_remote_target(handle)
+        dynamic = bool(pn_terminus_is_dynamic(remote))
         address = self.core.dynamic_address() if dynamic else pn.terminus_address(remote)
         link = self.core.attach_producer(handle, address, listener.link_capacity, conn)
-        local = lib.pn_link_target(handle)
-        lib.pn_terminus_copy(local, remote)
-        lib.pn_terminus_copy(lib.pn_link_source(handle), lib.pn_link_remote_source(handle))
-        lib.pn_link_set_snd_settle_mode(handle, lib.pn_link_remote_snd_settle_mode(handle))
+        local = pn_link_target(handle)
+        pn_terminus_copy(local, remote)
+        pn_terminus_copy(pn_link_source(handle), pn_link_remote_source(handle))
+        pn_link_set_snd_settle_mode(handle, pn_link_remote_snd_settle_mode(handle))
         if listener.max_message_size:
-            lib.pn_link_set_max_message_size(handle, listener.max_message_size)
+            pn_link_set_max_message_size(handle, listener.max_message_size)
         if dynamic and address is not None:
-            lib.pn_terminus_set_address(local, address.encode())
+            pn_terminus_set_address(local, address.encode())
         return link
 
     def _on_link_close(self, event: CData) -> None:
-        handle = lib.pn_event_link(event)
+        handle = pn_event_link(event)
         self._forget_link(handle)
-        lib.pn_link_close(handle)
-        lib.pn_link_free(handle)  # churning links (one per request, as old drivers do) must not accumulate
-        conn = self.by_connection.get(lib.pn_session_connection(lib.pn_link_session(handle)))
+        pn_link_close(handle)
+        pn_link_free(handle)  # churning links (one per request, as old drivers do) must not accumulate
+        conn = self.by_connection.get(pn_session_connection(pn_link_session(handle)))
         if conn is not None:
             self.mark(conn)
 
@@ -386,7 +473,7 @@ class Engine:
         link = self.links.pop(handle, None)
         if link is None:
             return
-        conn = self.by_connection.get(lib.pn_session_connection(lib.pn_link_session(handle)))
+        conn = self.by_connection.get(pn_session_connection(pn_link_session(handle)))
         if conn is not None:
             conn.links.discard(handle)
         if isinstance(link, ProducerLink):
@@ -399,25 +486,25 @@ class Engine:
             self.core.detach_consumer(link)
 
     def _on_flow(self, event: CData) -> None:
-        handle = lib.pn_event_link(event)
+        handle = pn_event_link(event)
         link = self.links.get(handle)
         if isinstance(link, ConsumerLink):
             self.core.consumer_credit(
-                link, lib.pn_link_credit(handle), bool(lib.pn_link_get_drain(handle)), time.time()
+                link, pn_link_credit(handle), bool(pn_link_get_drain(handle)), time.time()
             )
 
     # -- deliveries ----------------------------------------------------------------------------------
 
     def _on_delivery(self, event: CData) -> None:
-        delivery = lib.pn_event_delivery(event)
-        handle = lib.pn_delivery_link(delivery)
+        delivery = pn_event_delivery(event)
+        handle = pn_delivery_link(delivery)
         link = self.links.get(handle)
         if link is None:
             return
         if link.__class__ is ConsumerLink:
             # A consumer's disposition of a delivery we sent it.
-            settled = lib.pn_delivery_settled(delivery)
-            kind = lib.pn_delivery_remote_state(delivery)
+            settled = pn_delivery_settled(delivery)
+            kind = pn_delivery_remote_state(delivery)
             if kind or settled:
                 outcome = _OUTCOMES.get(kind) or _read_outcome(delivery, kind)
                 self.core.consumer_outcome(link, delivery, outcome, settled)
@@ -427,24 +514,24 @@ class Engine:
         assert isinstance(link, ProducerLink)
         if self.streams and delivery in self.streams:
             self._continue(delivery, handle)
-        elif lib.pn_delivery_readable(delivery):
+        elif pn_delivery_readable(delivery):
             self._arrive(link, delivery, handle)
-        elif lib.pn_delivery_settled(delivery):
+        elif pn_delivery_settled(delivery):
             # The producer settled first (or aborted before its first byte reached us).
             self.core.producer_settled(link, delivery)
-            lib.pn_delivery_settle(delivery)
+            pn_delivery_settle(delivery)
 
     def _read(self, link_handle: CData, delivery: CData) -> bytes:
-        size = lib.pn_delivery_pending(delivery)
+        size = pn_delivery_pending(delivery)
         if size > self._buffer_size:
             self._buffer_size = size
             self._buffer = ffi.new("char[]", size)
-        count = lib.pn_link_recv(link_handle, self._buffer, size)
+        count = pn_link_recv(link_handle, self._buffer, size)
         return ffi.unpack(self._buffer, count) if count > 0 else b""
 
     def _arrive(self, link: ProducerLink, delivery: CData, handle: CData) -> None:
         payload = self._read(handle, delivery)
-        partial = lib.pn_delivery_partial(delivery)
+        partial = pn_delivery_partial(delivery)
         limit = link.owner.listener.max_message_size
         if limit and len(payload) > limit:
             self._refuse_oversize(link, delivery, handle, partial)
@@ -454,13 +541,13 @@ class Engine:
         deadline = None if ttl is None and not expiry else _deadline(now, ttl, expiry)
         if not partial:
             # The common case, a message in one transfer: forward it now.
-            lib.pn_link_advance(handle)
-            settled = lib.pn_delivery_settled(delivery)
+            pn_link_advance(handle)
+            settled = pn_delivery_settled(delivery)
             self.core.deliver(
                 link, delivery, payload, complete=True, settled=settled, to=to, deadline=deadline, now=now
             )
             if settled:
-                lib.pn_delivery_settle(delivery)
+                pn_delivery_settle(delivery)
             return
         if scan is Scan.INCOMPLETE:
             # The headers did not fit in the first frames: wait for more (bounded by the message size limit).
@@ -478,7 +565,7 @@ class Engine:
         to: str | None,
         deadline: float | None,
     ) -> None:
-        settled = bool(lib.pn_delivery_settled(delivery))
+        settled = bool(pn_delivery_settled(delivery))
         if partial:
             stream = self.streams.get(delivery) or _Stream(len(payload))
             stream.buffer = None
@@ -494,23 +581,23 @@ class Engine:
                 now=time.time(),
             )
             return
-        lib.pn_link_advance(handle)
+        pn_link_advance(handle)
         self.core.deliver(
             link, delivery, payload, complete=True, settled=settled, to=to, deadline=deadline, now=time.time()
         )
         if settled:
-            lib.pn_delivery_settle(delivery)
+            pn_delivery_settle(delivery)
 
     def _continue(self, delivery: CData, handle: CData) -> None:
         """More of a multi-frame delivery, or its abort."""
         stream = self.streams[delivery]
         link = self.links[handle]
         assert isinstance(link, ProducerLink)
-        if lib.pn_delivery_aborted(delivery):
+        if pn_delivery_aborted(delivery):
             self._abort_stream(delivery)
             return
         chunk = self._read(handle, delivery)
-        partial = bool(lib.pn_delivery_partial(delivery))
+        partial = bool(pn_delivery_partial(delivery))
         stream.received += len(chunk)
         limit = link.owner.listener.max_message_size
         if stream.refused or (limit and stream.received > limit):
@@ -533,22 +620,22 @@ class Engine:
             routed.payload += chunk
         for consumer, _ in stream.outputs:
             if not consumer.closed:
-                lib.pn_link_send(consumer.handle, ffi.from_buffer(chunk), len(chunk))
+                pn_link_send(consumer.handle, ffi.from_buffer(chunk), len(chunk))
                 consumer.owner.unflushed += len(chunk)
                 self.mark(consumer.owner)
         if partial:
             return
         del self.streams[delivery]
-        lib.pn_link_advance(handle)
+        pn_link_advance(handle)
         routed.complete = True
-        if lib.pn_delivery_settled(delivery):
-            lib.pn_delivery_settle(delivery)
+        if pn_delivery_settled(delivery):
+            pn_delivery_settle(delivery)
         now = time.time()
         for consumer, out in stream.outputs:
             if not consumer.closed:
-                lib.pn_link_advance(consumer.handle)
+                pn_link_advance(consumer.handle)
                 if routed.settled or consumer.settle_on_send:
-                    lib.pn_delivery_settle(out)
+                    pn_delivery_settle(out)
                 self.core.stream_finished(consumer, now)
 
     def _abort_stream(self, delivery: CData) -> None:
@@ -556,7 +643,7 @@ class Engine:
         self._abort_outputs(stream)
         if stream.delivery is not None:
             self.core.abort(stream.delivery)
-        lib.pn_delivery_settle(delivery)
+        pn_delivery_settle(delivery)
 
     def _abort_outputs(self, stream: _Stream) -> None:
         """Abort the consumers' copies of a multi-frame delivery that will not complete."""
@@ -564,7 +651,7 @@ class Engine:
         for consumer, out in stream.outputs:
             if not consumer.closed:
                 consumer.inflight.pop(out, None)
-                lib.pn_delivery_abort(out)
+                pn_delivery_abort(out)
                 self.mark(consumer.owner)
                 self.core.stream_finished(consumer, now)
         stream.outputs = []
@@ -581,7 +668,7 @@ class Engine:
         if partial:
             return
         self.streams.pop(delivery, None)
-        lib.pn_link_advance(handle)
+        pn_link_advance(handle)
         limit = link.owner.listener.max_message_size
         outcome = rejected(
             "amqp:link:message-size-exceeded", f"message larger than the limit of {limit} bytes"
@@ -589,9 +676,9 @@ class Engine:
         if stream.delivery is not None:
             self.core.refuse(stream.delivery, outcome)
         else:
-            if not lib.pn_delivery_settled(delivery):
+            if not pn_delivery_settled(delivery):
                 _write_outcome(delivery, outcome)
-            lib.pn_delivery_settle(delivery)
+            pn_delivery_settle(delivery)
             self.core.refused_arrival(link)
 
     def _settle_consumers(self) -> None:
@@ -603,7 +690,7 @@ class Engine:
         batch, self._settle_later = self._settle_later, []
         for link, delivery in batch:
             if not link.closed:
-                lib.pn_delivery_settle(delivery)
+                pn_delivery_settle(delivery)
 
     # -- the core's Edge protocol ------------------------------------------------------------------
 
@@ -611,18 +698,18 @@ class Engine:
         handle = link.handle
         # Tags need only be unique among a link's unsettled deliveries: one counter serves all links.
         self._tag[0] += 1
-        out = lib.pn_delivery(handle, self._tag_bytes)
+        out = pn_delivery(handle, self._tag_bytes)
         payload = delivery.payload
         size = len(payload)
-        lib.pn_link_send(handle, ffi.from_buffer(payload), size)
+        pn_link_send(handle, ffi.from_buffer(payload), size)
         conn = link.owner
         conn.unflushed += size
         if conn.unflushed > WRITE_HIGH_WATER and not conn.blocked:
             self.update_blocked(conn)
         if delivery.complete:
-            lib.pn_link_advance(handle)
+            pn_link_advance(handle)
             if delivery.settled or link.settle_on_send:
-                lib.pn_delivery_settle(out)
+                pn_delivery_settle(out)
         else:
             self.streams[delivery.handle].outputs.append((link, out))
         self.mark(conn)
@@ -634,10 +721,10 @@ class Engine:
             return
         handle = delivery.handle
         if outcome.kind == ACCEPTED_KIND:
-            lib.pn_delivery_update(handle, ACCEPTED_KIND)
+            pn_delivery_update(handle, ACCEPTED_KIND)
         else:
             _write_outcome(handle, outcome)
-        lib.pn_delivery_settle(handle)
+        pn_delivery_settle(handle)
         self.mark(link.owner)
 
     def update(self, delivery: Delivery, outcome: Outcome) -> None:
@@ -646,16 +733,16 @@ class Engine:
             self.mark(delivery.link.owner)
 
     def flow(self, link: ProducerLink, credit: int) -> None:
-        lib.pn_link_flow(link.handle, credit)
+        pn_link_flow(link.handle, credit)
         self.mark(link.owner)
 
     def withdraw_credit(self, link: ProducerLink) -> None:
         # A receiver may lower the credit it gave: the next flow frame tells the producer it has none.
-        lib.pn_link_flow(link.handle, -lib.pn_link_credit(link.handle))
+        pn_link_flow(link.handle, -pn_link_credit(link.handle))
         self.mark(link.owner)
 
     def drained(self, link: ConsumerLink) -> None:
-        lib.pn_link_drained(link.handle)
+        pn_link_drained(link.handle)
         self.mark(link.owner)
 
 
@@ -672,23 +759,23 @@ def _deadline(now: float, ttl: int | None, expiry: int | None) -> float:
 
 
 def _read_outcome(delivery: CData, kind: int) -> Outcome:
-    remote = lib.pn_delivery_remote(delivery)
+    remote = pn_delivery_remote(delivery)
     if kind == REJECTED_KIND:
-        return Outcome(kind, error=pn.condition(lib.pn_disposition_condition(remote)))
+        return Outcome(kind, error=pn.condition(pn_disposition_condition(remote)))
     if kind == MODIFIED_KIND:
         return Outcome(
             kind,
-            delivery_failed=bool(lib.pn_disposition_is_failed(remote)),
-            undeliverable_here=bool(lib.pn_disposition_is_undeliverable(remote)),
+            delivery_failed=bool(pn_disposition_is_failed(remote)),
+            undeliverable_here=bool(pn_disposition_is_undeliverable(remote)),
         )
     return Outcome(kind or RELEASED_KIND)
 
 
 def _write_outcome(delivery: CData, outcome: Outcome) -> None:
-    local = lib.pn_delivery_local(delivery)
+    local = pn_delivery_local(delivery)
     if outcome.kind == REJECTED_KIND and outcome.error is not None:
-        pn.set_condition(lib.pn_disposition_condition(local), *outcome.error)
+        pn.set_condition(pn_disposition_condition(local), *outcome.error)
     elif outcome.kind == MODIFIED_KIND:
-        lib.pn_disposition_set_failed(local, outcome.delivery_failed)
-        lib.pn_disposition_set_undeliverable(local, outcome.undeliverable_here)
-    lib.pn_delivery_update(delivery, outcome.kind)
+        pn_disposition_set_failed(local, outcome.delivery_failed)
+        pn_disposition_set_undeliverable(local, outcome.undeliverable_here)
+    pn_delivery_update(delivery, outcome.kind)

@@ -6,7 +6,12 @@ the size in each constructor, and stops once those fields are known: after the p
 the first body section. It is a scanner for three fields, not a codec: it never builds values it does not
 return, and it never raises: truncated and garbled input are reported in the result.
 
-Cost (timeit, this machine): BENCH
+Cost, timeit minimum on this 2-core machine (Python 3.11, loaded by other work), independent of body size:
+0.34 us with empty header and properties, 1.0 us with `to`, 1.3 us for an RPC request (ttl, id, to,
+reply-to...), 1.9 us with both annotation sections and an expiry. Same run: proton.Message.decode 4-20 us;
+pn_message_decode through cffi plus three getters 0.9-1.7 us (2.6 us for a 64 KiB body). A memoryview
+costs 0.1-0.3 us more than bytes. Bytecodes are the cost here: every helper call or enum member access
+avoided in the hot loop below is worth about 60 ns.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ class Scan(enum.Enum):
     MALFORMED = "malformed"  # not an AMQP message; the fields found before the garbage are returned
 
 
-_COMPLETE, _INCOMPLETE, _MALFORMED = Scan.COMPLETE, Scan.INCOMPLETE, Scan.MALFORMED  # 60 ns less per access
+_COMPLETE, _INCOMPLETE, _MALFORMED = Scan.COMPLETE, Scan.INCOMPLETE, Scan.MALFORMED
 
-# (to, ttl in ms, absolute expiry in ms since the epoch, scan). A plain tuple: a NamedTuple costs 0.2 us.
+# (to, ttl in ms, absolute expiry in ms since the epoch, scan). A plain tuple: a NamedTuple costs 0.2 us more.
 Peeked = tuple[str | None, int | None, int | None, Scan]
 Buffer = bytes | bytearray | memoryview
 
@@ -33,15 +38,15 @@ _READ: Final = frozenset({_HEADER, _PROPERTIES})
 _SKIPPED: Final = frozenset({0x71, 0x72, 0x74, 0x78})  # annotations, application-properties, footer
 _BODY: Final = frozenset({0x75, 0x76, 0x77})  # data, amqp-sequence, amqp-value
 _SYMBOLIC: Final = {
-    b"amqp:header:list": 0x70,
-    b"amqp:delivery-annotations:map": 0x71,
-    b"amqp:message-annotations:map": 0x72,
-    b"amqp:properties:list": 0x73,
-    b"amqp:application-properties:map": 0x74,
-    b"amqp:data:binary": 0x75,
-    b"amqp:amqp-sequence:list": 0x76,
-    b"amqp:amqp-value:*": 0x77,
-    b"amqp:footer:map": 0x78,
+    "amqp:header:list": 0x70,
+    "amqp:delivery-annotations:map": 0x71,
+    "amqp:message-annotations:map": 0x72,
+    "amqp:properties:list": 0x73,
+    "amqp:application-properties:map": 0x74,
+    "amqp:data:binary": 0x75,
+    "amqp:amqp-sequence:list": 0x76,
+    "amqp:amqp-value:*": 0x77,
+    "amqp:footer:map": 0x78,
 }
 # Constructor -> bytes of value after it; or _SIZE8/_SIZE32: a 1-/4-byte size follows, then that many bytes.
 _SIZE8, _SIZE32, _OTHER = -1, -4, -9  # _OTHER: 0x00 (described, two values follow) or not a constructor
@@ -84,30 +89,49 @@ def peek(buf: Buffer) -> Peeked:
                 pos, section = _descriptor(buf, pos + 1)
             if section in _READ:
                 code = buf[pos]
+                if code == 0x45:  # list0: no fields
+                    if section == _PROPERTIES:
+                        return to, ttl, expiry, _COMPLETE
+                    pos += 1
+                    continue
                 if code == 0xC0:  # list8: size, count
                     count, end = buf[pos + 2], pos + 2 + buf[pos + 1]
                     pos += 3
-                elif code == 0x45:  # list0
-                    count, end = 0, pos + 1
                 elif code == 0xD0:  # list32: size, count
                     size, count = _LIST32.unpack_from(buf, pos + 1)
                     end = pos + 5 + size
                     pos += 9
                 else:
                     raise _Malformed
-                # header.ttl and properties.to are field 2, absolute-expiry-time field 8. Encoders drop
-                # trailing nulls, so a short properties list tells that the expiry is unset.
-                stop = 9 if section == _PROPERTIES and count > 8 else count if count < 3 else 3
-                for index in range(stop):
+                if section == _HEADER:
+                    if count > 2:  # ttl is field 2, after the fixed-width durable and priority
+                        first = _WIDTHS[buf[pos]]
+                        second = _WIDTHS[buf[pos + 1 + first]]
+                        if first < 0 or second < 0:
+                            raise _Malformed
+                        pos += 2 + first + second
+                        code = buf[pos]
+                        if code == 0x70:  # uint
+                            ttl = _U32.unpack_from(buf, pos + 1)[0]
+                        elif code == 0x52:  # smalluint
+                            ttl = buf[pos + 1]
+                        elif code == 0x43:  # uint0
+                            ttl = 0
+                        elif code != 0x40:
+                            raise _Malformed
+                    pos = end
+                    continue
+                # to is field 2, absolute-expiry-time field 8. Encoders drop trailing nulls, so most lists
+                # are shorter than 9 fields and the scan ends at `to`.
+                for index in range(9 if count > 8 else 3 if count > 2 else count):
                     code = buf[pos]
-                    if code != 0x40:  # null
+                    if code != 0x40 and (index == 2 or index == 8):  # a field we read, and not null
                         if index == 2:
-                            if section == _HEADER:
-                                ttl = _uint(buf, pos)
-                            else:
-                                to = str(_text(buf, pos), "utf-8")
-                        elif index == 8:
-                            expiry = _timestamp(buf, pos)
+                            to = _text(buf, pos)
+                        elif code == 0x83:  # timestamp
+                            expiry = _I64.unpack_from(buf, pos + 1)[0]
+                        else:
+                            raise _Malformed
                     width = _WIDTHS[code]  # inlined _skip for the usual field encodings
                     if width >= 0:
                         pos += 1 + width
@@ -115,13 +139,14 @@ def peek(buf: Buffer) -> Peeked:
                         pos += 2 + buf[pos + 1]
                     else:
                         pos = _skip(buf, pos)
-                if section == _PROPERTIES:
-                    return to, ttl, expiry, _COMPLETE
-                pos = end
+                return to, ttl, expiry, _COMPLETE
             elif section in _BODY:
                 return to, ttl, expiry, _COMPLETE
-            elif section in _SKIPPED:
-                pos = _skip(buf, pos)
+            elif section in _SKIPPED:  # maps, usually map32 as proton writes them
+                if buf[pos] == 0xD1:
+                    pos += 5 + _U32.unpack_from(buf, pos + 1)[0]
+                else:
+                    pos = _skip(buf, pos)
             else:
                 raise _Malformed
     except (IndexError, struct.error):  # read past the end of buf
@@ -132,32 +157,14 @@ def peek(buf: Buffer) -> Peeked:
 
 
 def _descriptor(buf: Buffer, pos: int) -> tuple[int, int]:
-    """(position after the descriptor at pos, its section code, 0 if it names no section)."""
+    """(position after the descriptor at pos, its section code; 0 for a symbol that names no section)."""
     if buf[pos] == 0x80:  # ulong
-        code = _U64.unpack_from(buf, pos + 1)[0]
-        return pos + 9, code if code < 0x100 else 0
+        return pos + 9, _U64.unpack_from(buf, pos + 1)[0]
     return _skip(buf, pos), _SYMBOLIC.get(_text(buf, pos), 0)
 
 
-def _uint(buf: Buffer, pos: int) -> int:
-    code = buf[pos]
-    if code == 0x70:
-        return int(_U32.unpack_from(buf, pos + 1)[0])
-    if code == 0x52:  # smalluint
-        return buf[pos + 1]
-    if code == 0x43:  # uint0
-        return 0
-    raise _Malformed
-
-
-def _timestamp(buf: Buffer, pos: int) -> int:
-    if buf[pos] != 0x83:
-        raise _Malformed
-    return int(_I64.unpack_from(buf, pos + 1)[0])
-
-
-def _text(buf: Buffer, pos: int) -> bytes:
-    """The bytes of the string or symbol at pos."""
+def _text(buf: Buffer, pos: int) -> str:
+    """The string or symbol at pos."""
     code = buf[pos]
     if code == 0xA1 or code == 0xA3:  # str8, sym8
         size, start = buf[pos + 1], pos + 2
@@ -167,7 +174,7 @@ def _text(buf: Buffer, pos: int) -> bytes:
         raise _Malformed
     if start + size > len(buf):
         raise IndexError
-    return bytes(buf[start : start + size])
+    return str(buf[start : start + size], "utf-8")
 
 
 def _skip(buf: Buffer, pos: int) -> int:

@@ -133,20 +133,22 @@ from meshbus.users import UserDatabase
 log = logging.getLogger("meshbus.router")
 
 _OUTCOMES = {ACCEPTED_KIND: Outcome(ACCEPTED_KIND), RELEASED_KIND: Outcome(RELEASED_KIND)}
+MALFORMED = rejected("amqp:decode-error", "the message's header or properties section is not valid AMQP")
+MAX_HEADERS = 1 << 20  # bytes a message may take before its properties section is complete
 _READ_CHUNK = 1 << 16
 
 
 class _Stream:
     """A multi-frame delivery still arriving: its size so far and the consumers' deliveries it feeds."""
 
-    __slots__ = ("buffer", "delivery", "outputs", "received", "refused")
+    __slots__ = ("buffer", "delivery", "outputs", "received", "refusal")
 
     def __init__(self, received: int, buffer: bytearray | None = None) -> None:
         self.delivery: Delivery | None = None  # None until the headers have arrived and it is routed
         self.buffer = buffer  # the frames received before it could be routed
         self.outputs: list[tuple[ConsumerLink, CData]] = []
         self.received = received
-        self.refused = False
+        self.refusal: Outcome | None = None  # refused: the rest is read and discarded, then this outcome
 
 
 class Engine:
@@ -534,10 +536,13 @@ class Engine:
         partial = pn_delivery_partial(delivery)
         limit = link.owner.listener.max_message_size
         if limit and len(payload) > limit:
-            self._refuse_oversize(link, delivery, handle, partial)
+            self._refuse(link, delivery, handle, partial, _too_large(limit))
             return
         now = time.time()
         to, ttl, expiry, scan = peek(payload)
+        if scan is Scan.MALFORMED:
+            self._refuse(link, delivery, handle, partial, MALFORMED)
+            return
         deadline = None if ttl is None and not expiry else _deadline(now, ttl, expiry)
         if not partial:
             # The common case, a message in one transfer: forward it now.
@@ -600,8 +605,10 @@ class Engine:
         partial = bool(pn_delivery_partial(delivery))
         stream.received += len(chunk)
         limit = link.owner.listener.max_message_size
-        if stream.refused or (limit and stream.received > limit):
-            self._refuse_oversize(link, delivery, handle, partial, stream)
+        if stream.refusal is None and limit and stream.received > limit:
+            stream.refusal = _too_large(limit)
+        if stream.refusal is not None:
+            self._refuse(link, delivery, handle, partial, stream.refusal, stream)
             return
         routed = stream.delivery
         if routed is None:
@@ -609,7 +616,9 @@ class Engine:
             assert buffered is not None
             buffered += chunk
             to, ttl, expiry, scan = peek(buffered)
-            if scan is not Scan.INCOMPLETE or not partial:
+            if scan is Scan.MALFORMED or (scan is Scan.INCOMPLETE and len(buffered) > MAX_HEADERS):
+                self._refuse(link, delivery, handle, partial, MALFORMED, stream)
+            elif scan is not Scan.INCOMPLETE or not partial:
                 deadline = None if ttl is None and not expiry else _deadline(time.time(), ttl, expiry)
                 if not partial:
                     del self.streams[delivery]
@@ -656,23 +665,24 @@ class Engine:
                 self.core.stream_finished(consumer, now)
         stream.outputs = []
 
-    def _refuse_oversize(
-        self, link: ProducerLink, delivery: CData, handle: CData, partial: bool, stream: _Stream | None = None
+    def _refuse(
+        self,
+        link: ProducerLink,
+        delivery: CData,
+        handle: CData,
+        partial: bool,
+        outcome: Outcome,
+        stream: _Stream | None = None,
     ) -> None:
-        """Discard the rest of a too-large message; reject it once all of it has arrived."""
+        """Discard the rest of a message the router will not forward; reject it once all of it has arrived."""
         if stream is None:
             stream = self.streams.setdefault(delivery, _Stream(0))
-        if not stream.refused:
-            stream.refused = True
-            self._abort_outputs(stream)
+        stream.refusal = stream.refusal or outcome
+        self._abort_outputs(stream)  # once: it empties the outputs
         if partial:
             return
         self.streams.pop(delivery, None)
         pn_link_advance(handle)
-        limit = link.owner.listener.max_message_size
-        outcome = rejected(
-            "amqp:link:message-size-exceeded", f"message larger than the limit of {limit} bytes"
-        )
         if stream.delivery is not None:
             self.core.refuse(stream.delivery, outcome)
         else:
@@ -748,6 +758,10 @@ class Engine:
 
 def _now_ms() -> int:
     return int(time.monotonic() * 1000)
+
+
+def _too_large(limit: int) -> Outcome:
+    return rejected("amqp:link:message-size-exceeded", f"message larger than the limit of {limit} bytes")
 
 
 def _deadline(now: float, ttl: int | None, expiry: int | None) -> float:

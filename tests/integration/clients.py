@@ -59,6 +59,8 @@ class Client(MessagingHandler):
 
     def on_start(self, event: Event) -> None:
         self._container = event.container
+        # proton's loop sleeps up to this long when nothing wakes it, as after a socket the peer closed.
+        self.container.timeout = 0.2
         self._deadline = self.container.schedule(self.timeout, _Deadline(self))
         self.begin()
 
@@ -242,7 +244,7 @@ class Exchange(Client):
     def _open_producer(self) -> None:
         self._producing = True
         target = None if self.anonymous else self.address
-        self.container.create_sender(self.connect(), target, name="producer")
+        self.producer = self.container.create_sender(self.connect(), target, name="producer")
 
     def on_link_opened(self, event: Event) -> None:
         attached = all(receiver.state & Endpoint.REMOTE_ACTIVE for receiver in self._receivers)

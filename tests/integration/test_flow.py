@@ -187,3 +187,38 @@ def test_a_message_expiring_while_queued_is_not_delivered_when_credit_comes(defa
     assert client.outcomes["short-lived"] == (Delivery.MODIFIED, True)
     assert client.outcomes["fresh"] == (Delivery.ACCEPTED, False)
     assert client.received == ["fresh"]
+
+
+class ConsumerLeaves(Client):
+    """The consumer receives a message and detaches without settling it."""
+
+    def __init__(self, url: str, address: str) -> None:
+        super().__init__(url, auto_accept=False)
+        self.address = address
+        self.sent = False
+        self.outcome: tuple[int, bool] | None = None  # (state, delivery-failed) seen by the producer
+
+    def begin(self) -> None:
+        self.receiver = self.container.create_receiver(self.connect(), self.address, name="consumer")
+        self.sender = self.container.create_sender(self.connect(), self.address, name="producer")
+
+    def on_sendable(self, event: Event) -> None:
+        if not self.sent:
+            self.sent = True
+            self.sender.send(Message(body="unsettled"))
+
+    def on_message(self, event: Event) -> None:
+        self.receiver.close()
+
+    def on_settled(self, event: Event) -> None:
+        delivery = the(event.delivery)
+        if delivery.link == self.sender:
+            self.outcome = (delivery.remote_state, bool(delivery.remote.failed))
+            self.done()
+
+
+def test_a_consumer_leaving_with_a_delivery_unsettled_sends_it_back_delivery_failed(
+    default_router: Router,
+) -> None:
+    client = run(ConsumerLeaves(default_router.url, unique("test/leaving")))
+    assert client.outcome == (Delivery.MODIFIED, True)

@@ -28,6 +28,7 @@ def test_max_message_size_refuses_a_larger_message(router: Callable[[Config], Ro
     limited = router({"listener": [{"max_message_size": MiB}]})
     messages = [Message(body=b"small" * 100), Message(body=bytes(2 * MiB)), Message(body=b"after")]
     exchange = run(Exchange(limited.url, unique("test/limited"), messages))
+    assert exchange.producer.remote_max_message_size == MiB, "the attach does not announce the limit"
     assert exchange.bodies(0) == [b"small" * 100, b"after"]
     small, large, after = exchange.settled_outcomes()
     assert (small.name, after.name) == ("accepted", "accepted")

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from proton import Condition, Event, Message
+from proton.reactor import AtMostOnce
 
 from tests.integration.clients import (
     ACCEPT,
@@ -29,10 +30,10 @@ def unique(prefix: str) -> str:
 
 
 def test_send_and_receive(default_router: Router) -> None:
-    messages = numbered("hello", 20)
+    messages = numbered("hello", 600)  # more than a link's credit (250): credit must be replenished
     exchange = run(Exchange(default_router.url, unique("test/unicast"), messages))
     assert exchange.bodies(0) == [m.body for m in messages]
-    assert [o.name for o in exchange.settled_outcomes()] == ["accepted"] * 20
+    assert [o.name for o in exchange.settled_outcomes()] == ["accepted"] * 600
 
 
 def test_send_and_receive_on_an_anonymous_relay_link(default_router: Router) -> None:
@@ -182,3 +183,37 @@ def test_an_unavailable_address_refuses_attaches_with_not_found(default_router: 
         assert condition is not None, f"{name}: detached without an error condition"
         assert condition.name == "amqp:not-found", f"{name}: {condition}"
         assert address in (condition.description or "")
+
+
+class AtMostOnceSender(Client):
+    """A producer whose link sends every message pre-settled; the consumer records how each arrives."""
+
+    def __init__(self, url: str, address: str, count: int) -> None:
+        super().__init__(url)
+        self.address = address
+        self.count = count
+        self.sent = False
+        self.arrivals: list[tuple[object, bool]] = []  # (body, settled by the producer)
+
+    def begin(self) -> None:
+        self.container.create_receiver(self.connect(), self.address, name="consumer")
+
+    def on_link_opened(self, event: Event) -> None:
+        if the(event.link).is_receiver:
+            self.container.create_sender(self.connect(), self.address, name="producer", options=AtMostOnce())
+
+    def on_sendable(self, event: Event) -> None:
+        if not self.sent:
+            self.sent = True
+            for message in numbered("once", self.count):
+                the(event.sender).send(message)
+
+    def on_message(self, event: Event) -> None:
+        self.arrivals.append((the(event.message).body, the(event.delivery).settled))
+        if len(self.arrivals) == self.count:
+            self.done()
+
+
+def test_pre_settled_messages_arrive_pre_settled(default_router: Router) -> None:
+    client = run(AtMostOnceSender(default_router.url, unique("test/presettled"), 10))
+    assert client.arrivals == [(f"once-{n}", True) for n in range(10)]

@@ -318,16 +318,28 @@ def numbered(prefix: str, count: int) -> list[Message]:
 class RawPeer:
     """A client socket driven by the test; proton makes the frames it sends and reads the router's bytes."""
 
-    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
-        self.socket = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host: str, port: int, timeout: float = 5.0, receive_buffer: int | None = None) -> None:
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer is not None:  # set before connecting, so the window is small from the start
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.socket.settimeout(timeout)
+        self.socket.connect((host, port))
         self.transport = Transport()  # client mode, no SASL layer: the plain AMQP header
         self.connection = Connection()
         self.connection.container = "meshbus-test-raw-peer"
         self.transport.bind(self.connection)
         self.received = bytearray()
 
+    def subscribe(self, address: str, credit: int) -> None:
+        """Have `open()` also attach a receiving link on `address` with this much credit."""
+        receiver = self.connection.session().receiver(f"raw-{address}")
+        receiver.source.address = address
+        receiver.flow(credit)
+        receiver.session.open()
+        receiver.open()
+
     def open(self) -> None:
-        """Send the AMQP header and an Open frame."""
+        """Send the AMQP header and an Open frame (and whatever else proton has queued)."""
         self.connection.open()
         self.send(self._output())
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from tests.integration.test_routing import unique
 
 SASL_HEADER = b"AMQP\x03\x01\x00\x00"
 AMQP_HEADER = b"AMQP\x00\x01\x00\x00"
+MiB = 1 << 20
 DESCRIPTORS = 4096  # for a thousand connections and their router-side twins' headroom
 
 
@@ -48,11 +50,7 @@ def test_heartbeat_timeout_drops_a_silent_peer_and_its_links(router: Callable[[C
     heartbeat = router({"listener": [{"idle_timeout": 1.0}]})
     address = unique("test/silent")
     peer = RawPeer(heartbeat.host, heartbeat.port)
-    receiver = peer.connection.session().receiver("silent-consumer")
-    receiver.source.address = address
-    receiver.flow(10)
-    receiver.session.open()
-    receiver.open()
+    peer.subscribe(address, credit=10)
     peer.open()  # header, open, begin, attach, flow; then not a byte more
     started = time.monotonic()
     assert peer.read_until_closed(timeout=10), "the router did not close a connection silent for 10 s"
@@ -327,3 +325,29 @@ def test_a_wrong_protocol_header_is_answered_with_a_supported_one_then_closed(
     assert peer.read_until_closed(timeout=5), "the router kept a connection with a wrong protocol header"
     assert bytes(peer.received[:8]) in (SASL_HEADER, AMQP_HEADER)
     assert re.search(r"protocol header", closed_line(default_router, peer))
+
+
+def test_a_peer_that_never_reads_is_closed_and_the_others_carry_on(
+    router: Callable[[Config], Router],
+) -> None:
+    # No idle time-out: only the router's rule for peers that stop reading can close this one.
+    patient = router({"listener": [{"idle_timeout": 0}]})
+    address = unique("test/never-reads")
+    peer = RawPeer(patient.host, patient.port, receive_buffer=4096)
+    peer.subscribe(address, credit=1000)
+    peer.open()
+    messages = [Message(body=bytes(MiB)) for _ in range(16)]  # far more than the socket buffers hold
+    flood = Exchange(patient.url, address, messages, [])
+    flood.timeout = 30.0  # it ends when the router gives up on the peer
+    flooding = Running(flood)
+    bystander = run(Exchange(patient.url, unique("test/bystander"), numbered("meanwhile", 5)))
+    assert bystander.bodies(0) == [f"meanwhile-{n}" for n in range(5)]
+    line = closed_line(patient, peer, timeout=30)
+    print(line)
+    assert "resource-limit-exceeded" in line
+    flooding.join()
+    outcomes = Counter(o.name for o in flood.settled_outcomes())
+    print("flood outcomes:", outcomes)
+    assert set(outcomes) <= {"modified", "released"}  # sent to the peer and lost, or never sent
+    after = run(Exchange(patient.url, unique("test/after"), numbered("after", 3)))
+    assert after.bodies(0) == ["after-0", "after-1", "after-2"]

@@ -341,9 +341,10 @@ class RawPeer:
     def open(self) -> None:
         """Send the AMQP header and an Open frame (and whatever else proton has queued)."""
         self.connection.open()
-        self.send(self._output())
+        self.send(self.output())
 
-    def _output(self) -> bytes:
+    def output(self) -> bytes:
+        """The bytes proton has made for what was opened or sent since the last call."""
         out = bytearray()
         while (pending := self.transport.pending()) > 0:
             out += the(self.transport.peek(pending))

@@ -277,34 +277,57 @@ class SteadyTraffic(Client):
             self.done()
 
 
-GARBAGE = {
-    "instead-of-a-header": (False, b"GET / HTTP/1.1\r\nHost: meshbus\r\n\r\n"),
-    "after-the-open": (True, random.Random(7).randbytes(64)),
+def http_request(peer: RawPeer) -> None:
+    peer.send(b"GET / HTTP/1.1\r\nHost: meshbus\r\n\r\n")
+
+
+def random_bytes_after_the_open(peer: RawPeer) -> None:
+    peer.open()
+    peer.send(random.Random(7).randbytes(64))
+
+
+def attach_without_begin(peer: RawPeer) -> None:
+    """Valid frames in an invalid order: an attach on a session that was never begun."""
+    peer.connection.open()
+    opening = peer.output()
+    session = peer.connection.session()
+    session.open()
+    peer.output()  # the begin frame, left out
+    sender = session.sender("orphan")
+    sender.target.address = "test/orphan"
+    sender.open()
+    peer.send(opening + peer.output())
+
+
+# How to disturb, and the error condition of the Close frame expected (None: no AMQP, just a header back).
+DISTURBANCES: dict[str, tuple[Callable[[RawPeer], None], str | None]] = {
+    "http-request": (http_request, None),
+    "random-bytes-after-the-open": (random_bytes_after_the_open, "amqp:connection:framing-error"),
+    "attach-without-begin": (attach_without_begin, "amqp:not-allowed"),
 }
 
 
-@pytest.mark.parametrize("case", list(GARBAGE))
-def test_garbage_on_one_connection_while_another_keeps_working(default_router: Router, case: str) -> None:
-    after_open, garbage = GARBAGE[case]
+@pytest.mark.parametrize("case", list(DISTURBANCES))
+def test_bad_input_on_one_connection_while_another_keeps_working(default_router: Router, case: str) -> None:
+    disturb, expected = DISTURBANCES[case]
     traffic = SteadyTraffic(default_router.url, unique("test/steady"))
     running = Running(traffic)
     try:
-        assert traffic.flowing.wait(10), "no message went through before the garbage"
+        assert traffic.flowing.wait(10), "no message went through before the bad input"
         peer = RawPeer(default_router.host, default_router.port)
-        if after_open:
-            peer.open()
-        peer.send(garbage)
-        assert peer.read_until_closed(timeout=5), "the router kept a connection that sent garbage"
+        disturb(peer)
+        assert peer.read_until_closed(timeout=5), "the router kept a connection that sent bad input"
         line = closed_line(default_router, peer)
         print(line)
-        if after_open:
-            peer.decode()
-            condition = peer.connection.remote_condition
-            assert condition is not None and condition.name == "amqp:connection:framing-error"
-            assert "framing-error" in line
-        else:
+        if expected is None:
             assert bytes(peer.received[:8]) in (SASL_HEADER, AMQP_HEADER)
             assert "protocol header" in line
+        else:
+            peer.decode()
+            condition = peer.connection.remote_condition
+            assert condition is not None, "the router closed the socket without a Close frame"
+            assert condition.name == expected, condition
+            assert expected in line
     finally:
         traffic.disturbed.set()
         running.join()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from proton import Condition, Event, Message
-from proton.reactor import AtMostOnce
+from proton.reactor import AtMostOnce, SenderOption
 
 from tests.integration.clients import (
     ACCEPT,
@@ -21,7 +22,7 @@ from tests.integration.clients import (
     run,
     the,
 )
-from tests.integration.conftest import Router
+from tests.integration.conftest import Config, Router
 
 
 def unique(prefix: str) -> str:
@@ -217,3 +218,83 @@ class AtMostOnceSender(Client):
 def test_pre_settled_messages_arrive_pre_settled(default_router: Router) -> None:
     client = run(AtMostOnceSender(default_router.url, unique("test/presettled"), 10))
     assert client.arrivals == [(f"once-{n}", True) for n in range(10)]
+
+
+def test_anonymous_relay_to_a_multicast_address_reaches_every_receiver(default_router: Router) -> None:
+    messages = numbered("relayed-fanout", 3)
+    exchange = run(
+        Exchange(default_router.url, unique("test/multicast"), messages, [ACCEPT] * 3, anonymous=True)
+    )
+    for consumer in range(3):
+        assert exchange.bodies(consumer) == [m.body for m in messages], f"receiver {consumer}"
+    assert [o.name for o in exchange.settled_outcomes()] == ["accepted"] * 3
+
+
+@pytest.mark.parametrize(
+    ("prefix", "copies"),
+    [
+        ("openstack.org/om/rpc/multicast/exchange/topic", 2),
+        ("openstack.org/om/rpc/unicast/exchange/topic/server", 1),
+        ("openstack.org/om/rpc/anycast/exchange/topic", 1),
+        ("openstack.org/om/notify/anycast/exchange/topic.info", 1),
+    ],
+    ids=["rpc-multicast", "rpc-unicast", "rpc-anycast", "notify-anycast"],
+)
+def test_the_default_rules_serve_oslo_messaging_addresses(
+    default_router: Router, prefix: str, copies: int
+) -> None:
+    messages = numbered("oslo", 6)
+    exchange = run(Exchange(default_router.url, unique(prefix), messages, [ACCEPT, ACCEPT]))
+    received = Counter(body for consumer in range(2) for body in exchange.bodies(consumer))
+    assert received == Counter({m.body: copies for m in messages})
+
+
+def test_configured_patterns_choose_the_distribution(router: Callable[[Config], Router]) -> None:
+    patterned = router({"address": [{"pattern": "fleet/*/events/#", "distribution": "multicast"}]})
+    messages = numbered("event", 4)
+    matching = run(Exchange(patterned.url, "fleet/ship-7/events/engine.hot", messages, [ACCEPT, ACCEPT]))
+    assert matching.bodies(0) == matching.bodies(1) == [m.body for m in messages]
+    other = run(Exchange(patterned.url, "fleet/ship-7/orders", messages, [ACCEPT, ACCEPT]))
+    assert Counter(other.bodies(0) + other.bodies(1)) == Counter(m.body for m in messages)  # balanced
+
+
+class DynamicTarget(SenderOption):
+    def apply(self, sender: Any) -> None:
+        sender.target.dynamic = True
+
+
+class DynamicSender(Client):
+    """A sender asks for a dynamic target; a receiver then attaches to the address the router assigned."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.address: str | None = None
+        self.received: list[object] = []
+        self.sent = False
+
+    def begin(self) -> None:
+        self.sender = self.container.create_sender(
+            self.connect(), None, name="producer", options=DynamicTarget()
+        )
+
+    def on_link_opened(self, event: Event) -> None:
+        if the(event.link) == self.sender:
+            self.address = self.sender.remote_target.address
+            assert self.address, "the router did not echo an address for the dynamic target"
+            self.container.create_receiver(self.connect(), self.address, name="consumer")
+
+    def on_sendable(self, event: Event) -> None:
+        if not self.sent:
+            self.sent = True
+            self.sender.send(Message(body="to the dynamic node"))
+
+    def on_message(self, event: Event) -> None:
+        self.received.append(the(event.message).body)
+
+    def on_accepted(self, event: Event) -> None:
+        self.done()
+
+
+def test_a_sender_with_a_dynamic_target_gets_an_address(default_router: Router) -> None:
+    client = run(DynamicSender(default_router.url))
+    assert client.received == ["to the dynamic node"]

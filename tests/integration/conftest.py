@@ -105,15 +105,17 @@ class Router:
                     return None
                 self._changed.wait(min(remaining, 0.1))
 
-    def stop(self) -> None:
-        """SIGTERM, then wait: a router must exit 0 on it."""
+    def stop(self, signum: signal.Signals = signal.SIGTERM) -> None:
+        """SIGTERM (or SIGINT), then wait: a router must exit 0 on it."""
         if self.process.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
+            os.kill(self.pid, signum)
         try:
             code = self.process.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"router {self.name} still running {STOP_TIMEOUT} s after SIGTERM") from None
+            raise AssertionError(
+                f"router {self.name} still running {STOP_TIMEOUT} s after {signum.name}"
+            ) from None
         self._reader.join(STOP_TIMEOUT)
         assert code == 0, f"router {self.name} exited {code}:\n{self.log()}"
 

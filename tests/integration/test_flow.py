@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from proton import Delivery, Event, Message
 
 from tests.integration.clients import Client, Exchange, numbered, run, the
-from tests.integration.conftest import Router
+from tests.integration.conftest import Config, Router
 from tests.integration.test_routing import unique
 
 ALONE = 0.5  # seconds a producer waits with no consumer on its address
@@ -60,6 +61,12 @@ def test_credit_is_withheld_until_a_consumer_attaches_and_withdrawn_when_it_goes
     assert all(credit == 0 for credit in client.credit_seen["alone"])
     assert max(client.credit_seen["consumer attached"]) > 0
     assert client.credit_seen["consumer detached"][-1] == 0
+
+
+def test_the_credit_granted_is_the_listeners_link_capacity(router: Callable[[Config], Router]) -> None:
+    frugal = router({"listener": [{"link_capacity": 7}]})
+    client = run(CreditWatch(frugal.url, unique("test/credit")))
+    assert max(client.credit_seen["consumer attached"]) == 7
 
 
 def test_released_at_once_when_no_consumer_on_an_anonymous_relay_link(default_router: Router) -> None:

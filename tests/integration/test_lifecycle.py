@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -53,15 +54,16 @@ class Idle(Client):
             self.done()
 
 
-def test_sigterm_closes_every_connection_with_a_close_frame_and_exits_0(
-    router: Callable[[Config], Router],
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_closes_every_connection_with_a_close_frame_and_exits_0(
+    router: Callable[[Config], Router], signum: signal.Signals
 ) -> None:
     stopping = router({})
     client = Idle(stopping.url, count=3)
     running = Running(client)
     try:
         assert client.ready.wait(10), f"the clients did not open: {client.status()}"
-        stopping.stop()  # SIGTERM; fails unless the router exits 0
+        stopping.stop(signum)  # fails unless the router exits 0
     finally:
         running.join()  # fails if a connection dropped without a Close frame
     print("Close conditions:", client.closes)

@@ -184,9 +184,9 @@ def test_producer_gets_credit_only_once_a_consumer_attaches(router):
 def test_credit_is_withdrawn_when_the_last_consumer_goes_and_comes_back_with_the_next(router):
     producer = router.producer("work")
     first, second = router.consumer("work"), router.consumer("work")
-    router.core.detach_consumer(first)
+    router.core.detach_consumer(first, NOW)
     assert router.edge.withdrawals == []
-    router.core.detach_consumer(second)
+    router.core.detach_consumer(second, NOW)
     assert router.edge.withdrawals == [producer]
     assert producer.credit == 0
     router.consumer("work")
@@ -281,7 +281,6 @@ def test_closest_prefers_consumers_with_credit_and_rotates_among_them(router):
     assert set(order) == {idle, ready}
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: closest picks a consumer whose link is held by a stream")
 def test_closest_passes_over_a_consumer_busy_with_a_stream(router):
     first, second = router.consumer("near/x", credit=5), router.consumer("near/x", credit=5)
     producer = router.producer("near/x")
@@ -326,7 +325,7 @@ def test_multicast_copies_never_received_count_as_released(router):
     taken, untaken = router.send(producer), router.send(producer)
     router.settle(taker, taken)
     router.settle(taker, untaken, RELEASED)
-    router.core.detach_consumer(absent)
+    router.core.detach_consumer(absent, NOW)
     assert router.edge.outcome(taken) == ACCEPTED
     assert router.edge.outcome(untaken) == RELEASED
 
@@ -378,7 +377,7 @@ def test_producer_settling_first_hears_nothing_more(router, consumer_ends):
     if consumer_ends == "settling":
         router.settle(consumer, delivery)
     else:
-        router.core.detach_consumer(consumer)
+        router.core.detach_consumer(consumer, NOW)
     assert router.edge.updates == router.edge.settles == []
 
 
@@ -420,13 +419,11 @@ def test_dynamic_addresses_are_unique_and_closest():
     assert router.edge.receivers(reply) == [second]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="core bug: a dynamic target's address is looked up in the rules like a named one"
-)
 def test_dynamic_target_is_not_subject_to_the_address_rules():
     router = Router(DistributionRules([AddressRule(pattern="#", distribution=Distribution.UNAVAILABLE)]))
-    producer = router.producer(router.core.dynamic_address())  # as the edge attaches a dynamic target
+    producer = router.core.attach_producer(object(), None, CAPACITY, dynamic=True)
     assert producer.entry is not None and producer.entry.distribution is Distribution.CLOSEST
+    assert producer.address == producer.entry.address
 
 
 @pytest.mark.parametrize("attach", ["consumer", "producer"])
@@ -477,14 +474,13 @@ def test_queued_delivery_expired_by_the_time_credit_comes_is_not_sent(router):
     assert router.core.counters.expired == 1
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: detach_consumer re-offers queued deliveries without expiry")
 def test_expired_delivery_is_not_handed_on_when_its_consumer_leaves(router):
     leaving = router.consumer("work")
     producer = router.producer("work")
     delivery = router.send(producer, deadline=NOW + 5)
     staying = router.consumer("work", credit=5)
     router.core.tick(NOW + 4)
-    router.core.detach_consumer(leaving)  # after NOW + 5, before the next tick
+    router.core.detach_consumer(leaving, NOW + 5.5)  # after NOW + 5, before the next tick
     router.core.tick(NOW + 6)
     assert router.edge.sent_to(staying) == []
     assert router.edge.outcome(delivery) == EXPIRED
@@ -498,7 +494,7 @@ def test_queued_deliveries_of_a_leaving_consumer_go_to_another(router):
     producer = router.producer("work")
     queued = [router.send(producer), router.send(producer)]
     staying = router.consumer("work", credit=5)
-    router.core.detach_consumer(leaving)
+    router.core.detach_consumer(leaving, NOW)
     assert router.edge.sent_to(staying) == queued
     assert router.edge.settles == []
 
@@ -507,7 +503,7 @@ def test_queued_deliveries_of_the_last_consumer_are_released(router):
     consumer = router.consumer("work")
     producer = router.producer("work")
     queued = [router.send(producer), router.send(producer)]
-    router.core.detach_consumer(consumer)
+    router.core.detach_consumer(consumer, NOW)
     assert [router.edge.outcome(d) for d in queued] == [RELEASED, RELEASED]
     assert router.edge.withdrawals == [producer]
 
@@ -517,7 +513,7 @@ def test_unsettled_deliveries_of_a_leaving_consumer_come_back_delivery_failed(ro
     producer = router.producer("work")
     delivery = router.send(producer)
     other = router.consumer("work", credit=5)
-    router.core.detach_consumer(leaving)
+    router.core.detach_consumer(leaving, NOW)
     outcome = router.edge.outcome(delivery)
     assert outcome == CONSUMER_LOST
     assert outcome.kind == MODIFIED_KIND and outcome.delivery_failed and not outcome.undeliverable_here
@@ -540,9 +536,6 @@ def test_drain_sends_what_is_queued_first(router):
     assert router.edge.drains == [consumer]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="core bug: a drain waiting on a stream or a blocked link is never answered"
-)
 @pytest.mark.parametrize("held_by", ["stream", "blocked socket"])
 def test_drain_is_answered_once_the_link_is_free(router, held_by):
     consumer = router.consumer("work", credit=5)
@@ -580,7 +573,7 @@ def test_multicast_waits_for_the_other_copies_when_a_consumer_leaves_mid_stream(
     leaving = router.consumer("multi/x", credit=5, settle_on_send=settle_on_send)
     staying = router.consumer("multi/x", credit=5)
     delivery = router.send(router.producer("multi/x"), complete=False)
-    router.core.detach_consumer(leaving)
+    router.core.detach_consumer(leaving, NOW)
     assert router.edge.settles == []  # the staying consumer has not said anything yet
     router.settle(staying, delivery, last)
     assert router.edge.outcome(delivery) == expected
@@ -621,7 +614,7 @@ def test_outcomes_after_the_producer_left_are_not_sent_to_it(router, address):
     router.core.consumer_outcome(consumer, router.edge.handle(consumer, sent), ACCEPTED, False)
     router.settle(consumer, sent)
     router.credit(consumer, 1)  # what was on its way still reaches the consumer
-    router.core.detach_consumer(consumer)
+    router.core.detach_consumer(consumer, NOW)
     assert router.edge.sent_to(consumer) == [sent, queued]
     assert router.edge.updates == router.edge.settles == []
 
@@ -697,7 +690,7 @@ class ForwardingMachine(RuleBasedStateMachine):
         link = pick(self.consumers, index)
         self.consumers.remove(link)
         self.open = [sent for sent in self.open if sent.link is not link]
-        self.router.core.detach_consumer(link)
+        self.router.core.detach_consumer(link, self.now)
 
     @precondition(lambda self: self.consumers)
     @rule(index=PICK, credit=st.integers(0, 3), drain=st.booleans())

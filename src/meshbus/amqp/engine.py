@@ -450,8 +450,9 @@ class Engine:
         listener = conn.listener
         remote = pn_link_remote_target(handle)
         dynamic = bool(pn_terminus_is_dynamic(remote))
-        address = self.core.dynamic_address() if dynamic else pn.terminus_address(remote)
-        link = self.core.attach_producer(handle, address, listener.link_capacity, conn)
+        address = pn.terminus_address(remote)
+        link = self.core.attach_producer(handle, address, listener.link_capacity, conn, dynamic)
+        address = link.address
         local = pn_link_target(handle)
         pn_terminus_copy(local, remote)
         pn_terminus_copy(pn_link_source(handle), pn_link_remote_source(handle))
@@ -485,7 +486,7 @@ class Engine:
                 self._abort_stream(delivery_handle)
             self.core.detach_producer(link)
         else:
-            self.core.detach_consumer(link)
+            self.core.detach_consumer(link, time.time())
 
     def _on_flow(self, event: CData) -> None:
         handle = pn_event_link(event)

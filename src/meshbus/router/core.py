@@ -127,6 +127,10 @@ class ConsumerLink:
     def load(self) -> int:
         return len(self.inflight) + len(self.queue)
 
+    def can_take(self) -> bool:
+        """A delivery offered now would go out now, not wait in the queue."""
+        return self.credit > 0 and not self.queue and not self.blocked and self.streaming is None
+
 
 @dataclass(slots=True, eq=False)
 class Delivery:
@@ -210,13 +214,17 @@ class RouterCore:
         return link
 
     def attach_producer(
-        self, handle: object, address: str | None, capacity: int, owner: Any = None
+        self, handle: object, address: str | None, capacity: int, owner: Any = None, dynamic: bool = False
     ) -> ProducerLink:
-        """A client attached a sending link; `address` None is an anonymous-relay link."""
-        link = ProducerLink(handle, address, capacity, owner)
-        if address is not None:
-            link.entry = self._entry(address)
-            link.entry.producers.append(link)
+        """A client attached a sending link; `address` None is an anonymous-relay link, `dynamic` asks
+        for an address of the router's making."""
+        if dynamic:
+            entry: AddressEntry | None = self._entry(self.dynamic_address(), Distribution.CLOSEST)
+        else:
+            entry = None if address is None else self._entry(address)
+        link = ProducerLink(handle, entry.address if entry else None, capacity, owner, entry)
+        if entry is not None:
+            entry.producers.append(link)
         self._replenish(link)
         return link
 
@@ -230,7 +238,7 @@ class RouterCore:
             link.entry.producers.remove(link)
             self._forget_if_unused(link.entry)
 
-    def detach_consumer(self, link: ConsumerLink) -> None:
+    def detach_consumer(self, link: ConsumerLink, now: float) -> None:
         link.closed = True
         entry = link.entry
         entry.consumers.remove(link)
@@ -244,7 +252,9 @@ class RouterCore:
         queued, link.queue = link.queue, deque()
         for delivery in queued:
             delivery.queued -= 1
-            if delivery.unicast and entry.consumers and not delivery.aborted:
+            if delivery.deadline is not None and delivery.deadline <= now:
+                self._expire_copy(delivery)
+            elif delivery.unicast and entry.consumers and not delivery.aborted:
                 self._offer(self._choose(entry), delivery)
             else:
                 self._copy_settled(delivery, RELEASED)
@@ -277,9 +287,6 @@ class RouterCore:
         link.credit = credit
         link.drain = drain
         self._pump(link, now)
-        if drain and link.credit > 0 and not link.queue and link.streaming is None:
-            link.credit = 0
-            self._edge.drained(link)
 
     def unblock(self, link: ConsumerLink, now: float) -> None:
         link.blocked = False
@@ -298,6 +305,13 @@ class RouterCore:
                 self._move_on(delivery)
         if not queue:
             self._expiring.discard(link)
+            self._answer_drain(link)
+
+    def _answer_drain(self, link: ConsumerLink) -> None:
+        """A draining consumer whose queue is empty gets its remaining credit spent."""
+        if link.drain and link.credit > 0 and not link.queue and link.streaming is None:
+            link.credit = 0
+            self._edge.drained(link)
 
     # -- deliveries ----------------------------------------------------------------------------------
 
@@ -371,12 +385,12 @@ class RouterCore:
         # closest: every local consumer is equally close; take turns among those able to take it now
         for i in range(count):
             candidate = consumers[(start + i) % count]
-            if candidate.credit > 0 and not candidate.queue and not candidate.blocked:
+            if candidate.can_take():
                 return candidate
         return consumers[start]
 
     def _offer(self, link: ConsumerLink, delivery: Delivery) -> None:
-        if link.credit > 0 and not link.queue and not link.blocked and link.streaming is None:
+        if link.can_take():
             self._send(link, delivery)
         else:
             link.queue.append(delivery)
@@ -510,6 +524,7 @@ class RouterCore:
             link.queue = kept
             if not any(d.deadline is not None for d in kept):
                 self._expiring.discard(link)
+            self._answer_drain(link)
 
     def _expire_copy(self, delivery: Delivery) -> None:
         self.counters.expired += 1

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -74,7 +74,7 @@ class Client(MessagingHandler):
         self.connections.append(connection)
         return connection
 
-    def later(self, delay: float, action: Any) -> Task:
+    def later(self, delay: float, action: Callable[[], object]) -> Task:
         """Call `action()` on the client's thread after `delay` seconds."""
         return self.container.schedule(delay, _Call(action))
 
@@ -130,7 +130,7 @@ class _Deadline(Handler):
 
 
 class _Call(Handler):
-    def __init__(self, action: Any) -> None:
+    def __init__(self, action: Callable[[], object]) -> None:
         self.action = action
 
     def on_timer_task(self, event: Event) -> None:

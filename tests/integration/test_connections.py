@@ -38,6 +38,23 @@ MiB = 1 << 20
 DESCRIPTORS = 4096  # for a thousand connections and their router-side twins' headroom
 
 
+RawPeers = Callable[..., RawPeer]
+
+
+@pytest.fixture
+def raw_peer() -> Iterator[RawPeers]:
+    """Connect a RawPeer to a router: `raw_peer(router, receive_buffer=...)`; closed after the test."""
+    peers: list[RawPeer] = []
+
+    def connect(router: Router, **options: Any) -> RawPeer:
+        peers.append(RawPeer(router.host, router.port, **options))
+        return peers[-1]
+
+    yield connect
+    for peer in peers:
+        peer.close()
+
+
 def closed_line(router: Router, peer: RawPeer, timeout: float = 5.0) -> str:
     """The router's log line saying why it closed this peer's connection."""
     port = peer.socket.getsockname()[1]
@@ -46,10 +63,12 @@ def closed_line(router: Router, peer: RawPeer, timeout: float = 5.0) -> str:
     return found.group(0)
 
 
-def test_heartbeat_timeout_drops_a_silent_peer_and_its_links(router: Callable[[Config], Router]) -> None:
+def test_heartbeat_timeout_drops_a_silent_peer_and_its_links(
+    router: Callable[[Config], Router], raw_peer: RawPeers
+) -> None:
     heartbeat = router({"listener": [{"idle_timeout": 1.0}]})
     address = unique("test/silent")
-    peer = RawPeer(heartbeat.host, heartbeat.port)
+    peer = raw_peer(heartbeat)
     peer.subscribe(address, credit=10)
     peer.open()  # header, open, begin, attach, flow; then not a byte more
     started = time.monotonic()
@@ -308,13 +327,15 @@ DISTURBANCES: dict[str, tuple[Callable[[RawPeer], None], str | None]] = {
 
 
 @pytest.mark.parametrize("case", list(DISTURBANCES))
-def test_bad_input_on_one_connection_while_another_keeps_working(default_router: Router, case: str) -> None:
+def test_bad_input_on_one_connection_while_another_keeps_working(
+    default_router: Router, raw_peer: RawPeers, case: str
+) -> None:
     disturb, expected = DISTURBANCES[case]
     traffic = SteadyTraffic(default_router.url, unique("test/steady"))
     running = Running(traffic)
     try:
         assert traffic.flowing.wait(10), "no message went through before the bad input"
-        peer = RawPeer(default_router.host, default_router.port)
+        peer = raw_peer(default_router)
         disturb(peer)
         assert peer.read_until_closed(timeout=5), "the router kept a connection that sent bad input"
         line = closed_line(default_router, peer)
@@ -341,9 +362,9 @@ def test_bad_input_on_one_connection_while_another_keeps_working(default_router:
     ids=["tls", "amqp-1.1", "sasl-2", "lower-case"],
 )
 def test_a_wrong_protocol_header_is_answered_with_a_supported_one_then_closed(
-    default_router: Router, header: bytes
+    default_router: Router, raw_peer: RawPeers, header: bytes
 ) -> None:
-    peer = RawPeer(default_router.host, default_router.port)
+    peer = raw_peer(default_router)
     peer.send(header)
     assert peer.read_until_closed(timeout=5), "the router kept a connection with a wrong protocol header"
     assert bytes(peer.received[:8]) in (SASL_HEADER, AMQP_HEADER)
@@ -351,12 +372,12 @@ def test_a_wrong_protocol_header_is_answered_with_a_supported_one_then_closed(
 
 
 def test_a_peer_that_never_reads_is_closed_and_the_others_carry_on(
-    router: Callable[[Config], Router],
+    router: Callable[[Config], Router], raw_peer: RawPeers
 ) -> None:
     # No idle time-out: only the router's rule for peers that stop reading can close this one.
     patient = router({"listener": [{"idle_timeout": 0}]})
     address = unique("test/never-reads")
-    peer = RawPeer(patient.host, patient.port, receive_buffer=4096)
+    peer = raw_peer(patient, receive_buffer=4096)
     peer.subscribe(address, credit=1000)
     peer.open()
     messages = [Message(body=bytes(MiB)) for _ in range(16)]  # far more than the socket buffers hold

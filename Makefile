@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck unit clean
 
-$(STAMP): pyproject.toml
+# The router's hot modules are compiled (setup.py): reinstall when their sources change.
+$(STAMP): pyproject.toml setup.py $(wildcard src/meshbus/router/*.py src/meshbus/amqp/*.py)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -16,8 +17,8 @@ run: $(STAMP)
 	$(BIN)/meshbus router
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench setup.py
+	$(BIN)/ruff format --check src tests bench setup.py
 	$(BIN)/mypy
 
 test: lint

@@ -347,7 +347,7 @@ def test_multicast_does_not_pass_on_unsettled_states(router):
         ACCEPTED,
         rejected("app:bad-request", "field 'x' is missing"),
         RELEASED,
-        Outcome(MODIFIED_KIND, delivery_failed=True, undeliverable_here=True, annotations={"k": 1}),
+        Outcome(MODIFIED_KIND, delivery_failed=True, undeliverable_here=True),
     ],
 )
 def test_unicast_passes_the_consumers_exact_outcome(router, outcome):

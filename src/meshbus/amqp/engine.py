@@ -705,7 +705,7 @@ class Engine:
 
     # -- the core's Edge protocol ------------------------------------------------------------------
 
-    def send(self, link: ConsumerLink, delivery: Delivery) -> object:
+    def send(self, link: ConsumerLink, delivery: Delivery) -> CData:
         handle = link.handle
         # Tags need only be unique among a link's unsettled deliveries: one counter serves all links.
         self._tag[0] += 1

@@ -19,6 +19,9 @@ from typing import Any, Protocol
 
 from meshbus.router.addressing import Distribution, DistributionRules
 
+# The edge's reference to a proton link or delivery: opaque to the core, used as a dictionary key.
+Handle = Any
+
 # Outcome kinds carry the AMQP 1.0 descriptor codes of the delivery states (also proton's PN_* values).
 ACCEPTED_KIND = 0x24
 REJECTED_KIND = 0x25
@@ -34,7 +37,6 @@ class Outcome:
     error: tuple[str, str] | None = None  # (condition name, description) of a rejection
     delivery_failed: bool = False
     undeliverable_here: bool = False
-    annotations: object = None  # modified's message-annotations, opaque to the core
 
 
 ACCEPTED = Outcome(ACCEPTED_KIND)
@@ -60,7 +62,7 @@ class AttachError(Exception):
 class Edge(Protocol):
     """What the core asks of the protocol edge."""
 
-    def send(self, link: ConsumerLink, delivery: Delivery) -> object:
+    def send(self, link: ConsumerLink, delivery: Delivery) -> Handle:
         """Start the delivery on the consumer's link with the payload received so far; return its handle."""
 
     def settle(self, delivery: Delivery, outcome: Outcome) -> None:
@@ -94,14 +96,14 @@ class AddressEntry:
 class ProducerLink:
     """A link on which a client sends to the router. `address` None: anonymous relay (route by `to`)."""
 
-    handle: object
+    handle: Handle
     address: str | None
     capacity: int
     owner: Any = None  # the edge's object for the link's connection, opaque to the core
     entry: AddressEntry | None = None
     credit: int = 0  # credit issued and not yet used, as far as the core knows
     held: int = 0  # deliveries received and not yet forwarded or settled
-    inflight: dict[object, Delivery] = field(default_factory=dict)  # unsettled, by the edge's handle
+    inflight: dict[Handle, Delivery] = field(default_factory=dict)  # unsettled, by the edge's handle
     closed: bool = False
 
 
@@ -109,7 +111,7 @@ class ProducerLink:
 class ConsumerLink:
     """A link on which the router sends to a client."""
 
-    handle: object
+    handle: Handle
     address: str
     entry: AddressEntry
     owner: Any = None  # the edge's object for the link's connection, opaque to the core
@@ -119,7 +121,7 @@ class ConsumerLink:
     blocked: bool = False  # the edge cannot take more now (a slow socket)
     streaming: Delivery | None = None  # a multi-frame delivery in progress holds the link
     queue: deque[Delivery] = field(default_factory=deque)
-    inflight: dict[object, Delivery] = field(default_factory=dict)  # sent, unsettled, by handle
+    inflight: dict[Handle, Delivery] = field(default_factory=dict)  # sent, unsettled, by handle
     delivered: int = 0
     closed: bool = False
 
@@ -137,7 +139,7 @@ class Delivery:
     """A message passing through the router: from one producer link to one or more consumer links."""
 
     link: ProducerLink
-    handle: object
+    handle: Handle
     payload: bytes | bytearray
     complete: bool
     settled: bool  # settled by the producer: nothing goes back
@@ -199,7 +201,7 @@ class RouterCore:
         return f"{self._dynamic_prefix}{self._dynamic_count}"
 
     def attach_consumer(
-        self, handle: object, address: str | None, settle_on_send: bool = False, owner: Any = None
+        self, handle: Handle, address: str | None, settle_on_send: bool = False, owner: Any = None
     ) -> ConsumerLink:
         """A client attached a receiving link. `address` None asks for a dynamic address."""
         if address is None:
@@ -214,7 +216,7 @@ class RouterCore:
         return link
 
     def attach_producer(
-        self, handle: object, address: str | None, capacity: int, owner: Any = None, dynamic: bool = False
+        self, handle: Handle, address: str | None, capacity: int, owner: Any = None, dynamic: bool = False
     ) -> ProducerLink:
         """A client attached a sending link; `address` None is an anonymous-relay link, `dynamic` asks
         for an address of the router's making."""
@@ -318,7 +320,7 @@ class RouterCore:
     def deliver(
         self,
         link: ProducerLink,
-        handle: object,
+        handle: Handle,
         payload: bytes | bytearray,
         *,
         complete: bool,
@@ -464,7 +466,7 @@ class RouterCore:
 
     # -- outcomes ------------------------------------------------------------------------------------
 
-    def consumer_outcome(self, link: ConsumerLink, handle: object, outcome: Outcome, settled: bool) -> None:
+    def consumer_outcome(self, link: ConsumerLink, handle: Handle, outcome: Outcome, settled: bool) -> None:
         """A consumer reported the state of a delivery we sent it."""
         if not settled:
             delivery = link.inflight.get(handle)
@@ -483,7 +485,7 @@ class RouterCore:
         else:
             self._copy_settled(delivery, outcome)
 
-    def producer_settled(self, link: ProducerLink, handle: object) -> None:
+    def producer_settled(self, link: ProducerLink, handle: Handle) -> None:
         """The producer settled first: it no longer wants to hear the outcome."""
         delivery = link.inflight.pop(handle, None)
         if delivery is not None:

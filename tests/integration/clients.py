@@ -15,6 +15,7 @@ import select
 import socket
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -305,6 +306,11 @@ class Exchange(Client):
 
     def bodies(self, consumer: int) -> list[Any]:
         return [message.body for message in self.received[consumer]]
+
+
+def unique(prefix: str) -> str:
+    """An address no other test uses (they share a router)."""
+    return f"{prefix}/{uuid.uuid4().hex[:12]}"
 
 
 def numbered(prefix: str, count: int) -> list[Message]:

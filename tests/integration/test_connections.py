@@ -28,14 +28,14 @@ from tests.integration.clients import (
     numbered,
     run,
     the,
+    unique,
 )
 from tests.integration.conftest import Config, Router
-from tests.integration.test_routing import unique
 
 SASL_HEADER = b"AMQP\x03\x01\x00\x00"
 AMQP_HEADER = b"AMQP\x00\x01\x00\x00"
 MiB = 1 << 20
-DESCRIPTORS = 4096  # for a thousand connections and their router-side twins' headroom
+DESCRIPTORS = 4096  # a thousand connections, and room to spare
 
 
 RawPeers = Callable[..., RawPeer]

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 from proton import Event
 
-from tests.integration.clients import Client, Running, the
+from tests.integration.clients import Client, Running, the, unique
 from tests.integration.conftest import Config, Router
-from tests.integration.test_routing import unique
 
 
 class Idle(Client):

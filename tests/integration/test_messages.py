@@ -8,9 +8,8 @@ from collections.abc import Callable
 
 from proton import Delivery, Event, Message
 
-from tests.integration.clients import Client, Exchange, run, the
+from tests.integration.clients import Client, Exchange, run, the, unique
 from tests.integration.conftest import Config, Router
-from tests.integration.test_routing import unique
 
 MiB = 1 << 20
 

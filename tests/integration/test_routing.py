@@ -1,8 +1,8 @@
-"""Routing through a real router: unicast, RPC with dynamic reply addresses, balanced, closest, multicast."""
+"""Routing through a real router: unicast, RPC on dynamic addresses, balanced, closest, multicast, the
+address rules (defaults, patterns, unavailable), outcomes and pre-settled deliveries."""
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -21,13 +21,9 @@ from tests.integration.clients import (
     numbered,
     run,
     the,
+    unique,
 )
 from tests.integration.conftest import Config, Router
-
-
-def unique(prefix: str) -> str:
-    """An address no other test uses (they share a router)."""
-    return f"{prefix}/{uuid.uuid4().hex[:12]}"
 
 
 def test_send_and_receive(default_router: Router) -> None:

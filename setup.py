@@ -14,6 +14,7 @@ COMPILED = [
     "src/meshbus/router/core.py",
     "src/meshbus/amqp/peek.py",
     "src/meshbus/amqp/engine.py",
+    "src/meshbus/amqp/connection.py",
 ]
 
 ext_modules = []

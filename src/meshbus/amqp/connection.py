@@ -40,12 +40,14 @@ log = logging.getLogger("meshbus.connection")
 WRITE_HIGH_WATER = 1 << 20
 
 
-class AmqpConnection(asyncio.Protocol):
-    """The asyncio side of one client connection."""
+class AmqpConnection:
+    """The asyncio side of one client connection: an asyncio protocol by its methods. (It is compiled with
+    mypyc, whose classes cannot derive from asyncio.Protocol; asyncio needs only the methods.)"""
 
     def __init__(self, engine: Engine, listener: ListenerConfig) -> None:
         self.engine = engine
         self.listener = listener
+        self.max_message_size = listener.max_message_size  # read per message: kept at hand
         self.socket: asyncio.Transport | None = None
         self.peer = "?"
         self.container: str | None = None

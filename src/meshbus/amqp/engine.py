@@ -275,7 +275,7 @@ class Engine:
         conn.freed = True
         self.connections.discard(conn)
         self._dirty.discard(conn)
-        if conn.transport:
+        if conn.transport and conn.sasl is None:  # proton has spoken with the peer: let it wind down
             pn_transport_close_tail(conn.transport)
             pn_transport_close_head(conn.transport)
             self.process()
@@ -394,8 +394,8 @@ class Engine:
         transport = pn_event_transport(event)
         conn = self.by_connection.get(pn_transport_connection(transport))
         error = pn.condition(pn_transport_condition(transport))
-        if conn is not None and error is not None:
-            conn.reason = conn.reason or f"{error[0]}: {error[1]}"
+        if conn is not None and error is not None and conn.reason is None:  # the first error is the cause
+            conn.reason = f"{error[0]}: {error[1]}"
             log.warning("connection error: peer=%s %s: %s", conn.peer, error[0], error[1])
 
     def _on_transport_closed(self, event: CData) -> None:
@@ -535,7 +535,8 @@ class Engine:
     def _arrive(self, link: ProducerLink, delivery: CData, handle: CData) -> None:
         payload = self._read(handle, delivery)
         partial = pn_delivery_partial(delivery)
-        limit = link.owner.listener.max_message_size
+        owner: AmqpConnection = link.owner
+        limit = owner.max_message_size
         if limit and len(payload) > limit:
             self._refuse(link, delivery, handle, partial, _too_large(limit))
             return
@@ -605,7 +606,8 @@ class Engine:
         chunk = self._read(handle, delivery)
         partial = bool(pn_delivery_partial(delivery))
         stream.received += len(chunk)
-        limit = link.owner.listener.max_message_size
+        owner: AmqpConnection = link.owner
+        limit = owner.max_message_size
         if stream.refusal is None and limit and stream.received > limit:
             stream.refusal = _too_large(limit)
         if stream.refusal is not None:
@@ -631,8 +633,9 @@ class Engine:
         for consumer, _ in stream.outputs:
             if not consumer.closed:
                 pn_link_send(consumer.handle, ffi.from_buffer(chunk), len(chunk))
-                consumer.owner.unflushed += len(chunk)
-                self.mark(consumer.owner)
+                receiver: AmqpConnection = consumer.owner
+                receiver.unflushed += len(chunk)
+                self.mark(receiver)
         if partial:
             return
         del self.streams[delivery]
@@ -713,7 +716,7 @@ class Engine:
         payload = delivery.payload
         size = len(payload)
         pn_link_send(handle, ffi.from_buffer(payload), size)
-        conn = link.owner
+        conn: AmqpConnection = link.owner
         conn.unflushed += size
         if conn.unflushed > WRITE_HIGH_WATER and not conn.blocked:
             self.update_blocked(conn)

@@ -13,6 +13,7 @@ import logging
 import resource
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 from meshbus.amqp.connection import AmqpConnection
 from meshbus.amqp.engine import Engine
@@ -69,7 +70,7 @@ async def _listen(
 ) -> asyncio.Server:
     try:
         server = await loop.create_server(
-            lambda: AmqpConnection(engine, listener),
+            lambda: cast(asyncio.Protocol, AmqpConnection(engine, listener)),
             listener.host,
             listener.port,
             backlog=4096,
@@ -82,7 +83,7 @@ async def _listen(
         ) from error
     for sock in server.sockets:
         host, port = sock.getsockname()[:2]
-        log.info("listening on %s:%d (sasl %s)", host, port, ",".join(listener.sasl_mechanisms))
+        log.info("listening on %s:%d (sasl %s)", host, port, ",".join(engine.mechanisms(listener)))
     return server
 
 

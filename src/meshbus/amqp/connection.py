@@ -11,20 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
-from cproton_ffi import ffi
-from cproton_ffi.lib import (  # bound once: an attribute lookup on `lib` per call costs
-    pn_transport,
-    pn_transport_bind,
-    pn_transport_capacity,
-    pn_transport_close_tail,
-    pn_transport_push,
-    pn_transport_require_auth,
-    pn_transport_set_idle_timeout,
-    pn_transport_set_max_frame,
-    pn_transport_set_server,
-)
+from cproton_ffi import ffi, lib
 
 from meshbus.amqp.pn import CData
 from meshbus.amqp.sasl import SaslError, SaslServer, SaslState
@@ -33,11 +22,23 @@ from meshbus.config import ListenerConfig
 if TYPE_CHECKING:
     from meshbus.amqp.engine import Engine
 
+# proton's functions as Final names: compiled (mypyc) code reads these from C statics, where a plain
+# import or `lib.name` would cost a dictionary lookup on every call (see engine.py).
+pn_transport: Final = lib.pn_transport
+pn_transport_bind: Final = lib.pn_transport_bind
+pn_transport_capacity: Final = lib.pn_transport_capacity
+pn_transport_close_tail: Final = lib.pn_transport_close_tail
+pn_transport_push: Final = lib.pn_transport_push
+pn_transport_require_auth: Final = lib.pn_transport_require_auth
+pn_transport_set_idle_timeout: Final = lib.pn_transport_set_idle_timeout
+pn_transport_set_max_frame: Final = lib.pn_transport_set_max_frame
+pn_transport_set_server: Final = lib.pn_transport_set_server
+
 log = logging.getLogger("meshbus.connection")
 
 # The router stops sending to a connection holding more than this many bytes not yet written to its socket,
 # and again while the socket's own buffer holds more than this: memory per slow consumer stays bounded.
-WRITE_HIGH_WATER = 1 << 20
+WRITE_HIGH_WATER: Final = 1 << 20
 
 
 class AmqpConnection:

@@ -15,98 +15,9 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import Final
 
-from cproton_ffi import ffi
-from cproton_ffi.lib import (  # bound once: an attribute lookup on `lib` per call costs
-    PN_CONNECTION_REMOTE_CLOSE,
-    PN_CONNECTION_REMOTE_OPEN,
-    PN_DELIVERY,
-    PN_LINK_FLOW,
-    PN_LINK_REMOTE_CLOSE,
-    PN_LINK_REMOTE_DETACH,
-    PN_LINK_REMOTE_OPEN,
-    PN_SESSION_REMOTE_CLOSE,
-    PN_SESSION_REMOTE_OPEN,
-    PN_SND_SETTLED,
-    PN_TRANSPORT_CLOSED,
-    PN_TRANSPORT_ERROR,
-    pn_collector,
-    pn_collector_peek,
-    pn_collector_pop,
-    pn_connection,
-    pn_connection_close,
-    pn_connection_collect,
-    pn_connection_condition,
-    pn_connection_offered_capabilities,
-    pn_connection_open,
-    pn_connection_properties,
-    pn_connection_release,
-    pn_connection_remote_condition,
-    pn_connection_remote_container,
-    pn_connection_set_container,
-    pn_decref,
-    pn_delivery,
-    pn_delivery_abort,
-    pn_delivery_aborted,
-    pn_delivery_link,
-    pn_delivery_local,
-    pn_delivery_partial,
-    pn_delivery_pending,
-    pn_delivery_readable,
-    pn_delivery_remote,
-    pn_delivery_remote_state,
-    pn_delivery_settle,
-    pn_delivery_settled,
-    pn_delivery_update,
-    pn_disposition_condition,
-    pn_disposition_is_failed,
-    pn_disposition_is_undeliverable,
-    pn_disposition_set_failed,
-    pn_disposition_set_undeliverable,
-    pn_event_connection,
-    pn_event_delivery,
-    pn_event_link,
-    pn_event_session,
-    pn_event_transport,
-    pn_event_type,
-    pn_link_advance,
-    pn_link_close,
-    pn_link_condition,
-    pn_link_credit,
-    pn_link_drained,
-    pn_link_flow,
-    pn_link_free,
-    pn_link_get_drain,
-    pn_link_is_sender,
-    pn_link_open,
-    pn_link_recv,
-    pn_link_remote_rcv_settle_mode,
-    pn_link_remote_snd_settle_mode,
-    pn_link_remote_source,
-    pn_link_remote_target,
-    pn_link_send,
-    pn_link_session,
-    pn_link_set_max_message_size,
-    pn_link_set_rcv_settle_mode,
-    pn_link_set_snd_settle_mode,
-    pn_link_source,
-    pn_link_target,
-    pn_session_close,
-    pn_session_connection,
-    pn_session_open,
-    pn_terminus_copy,
-    pn_terminus_is_dynamic,
-    pn_terminus_set_address,
-    pn_transport_close_head,
-    pn_transport_close_tail,
-    pn_transport_condition,
-    pn_transport_connection,
-    pn_transport_peek,
-    pn_transport_pending,
-    pn_transport_pop,
-    pn_transport_tick,
-    pn_transport_unbind,
-)
+from cproton_ffi import ffi, lib
 
 from meshbus import PRODUCT, __version__
 from meshbus.amqp import pn
@@ -130,12 +41,108 @@ from meshbus.router.core import (
 )
 from meshbus.users import UserDatabase
 
+# Functions of the hot path as Final names: compiled (mypyc) code reads these from C statics, where a plain
+# import or `lib.name` would cost a dictionary lookup on every call.
+unpack: Final = ffi.unpack
+from_buffer: Final = ffi.from_buffer
+epoch_seconds: Final = time.time  # message expiry times are wall-clock times
+PN_CONNECTION_REMOTE_CLOSE: Final = lib.PN_CONNECTION_REMOTE_CLOSE
+PN_CONNECTION_REMOTE_OPEN: Final = lib.PN_CONNECTION_REMOTE_OPEN
+PN_DELIVERY: Final = lib.PN_DELIVERY
+PN_LINK_FLOW: Final = lib.PN_LINK_FLOW
+PN_LINK_REMOTE_CLOSE: Final = lib.PN_LINK_REMOTE_CLOSE
+PN_LINK_REMOTE_DETACH: Final = lib.PN_LINK_REMOTE_DETACH
+PN_LINK_REMOTE_OPEN: Final = lib.PN_LINK_REMOTE_OPEN
+PN_SESSION_REMOTE_CLOSE: Final = lib.PN_SESSION_REMOTE_CLOSE
+PN_SESSION_REMOTE_OPEN: Final = lib.PN_SESSION_REMOTE_OPEN
+PN_SND_SETTLED: Final = lib.PN_SND_SETTLED
+PN_TRANSPORT_CLOSED: Final = lib.PN_TRANSPORT_CLOSED
+PN_TRANSPORT_ERROR: Final = lib.PN_TRANSPORT_ERROR
+pn_collector: Final = lib.pn_collector
+pn_collector_peek: Final = lib.pn_collector_peek
+pn_collector_pop: Final = lib.pn_collector_pop
+pn_connection: Final = lib.pn_connection
+pn_connection_close: Final = lib.pn_connection_close
+pn_connection_collect: Final = lib.pn_connection_collect
+pn_connection_condition: Final = lib.pn_connection_condition
+pn_connection_offered_capabilities: Final = lib.pn_connection_offered_capabilities
+pn_connection_open: Final = lib.pn_connection_open
+pn_connection_properties: Final = lib.pn_connection_properties
+pn_connection_release: Final = lib.pn_connection_release
+pn_connection_remote_condition: Final = lib.pn_connection_remote_condition
+pn_connection_remote_container: Final = lib.pn_connection_remote_container
+pn_connection_set_container: Final = lib.pn_connection_set_container
+pn_decref: Final = lib.pn_decref
+pn_delivery: Final = lib.pn_delivery
+pn_delivery_abort: Final = lib.pn_delivery_abort
+pn_delivery_aborted: Final = lib.pn_delivery_aborted
+pn_delivery_link: Final = lib.pn_delivery_link
+pn_delivery_local: Final = lib.pn_delivery_local
+pn_delivery_partial: Final = lib.pn_delivery_partial
+pn_delivery_pending: Final = lib.pn_delivery_pending
+pn_delivery_readable: Final = lib.pn_delivery_readable
+pn_delivery_remote: Final = lib.pn_delivery_remote
+pn_delivery_remote_state: Final = lib.pn_delivery_remote_state
+pn_delivery_settle: Final = lib.pn_delivery_settle
+pn_delivery_settled: Final = lib.pn_delivery_settled
+pn_delivery_update: Final = lib.pn_delivery_update
+pn_disposition_condition: Final = lib.pn_disposition_condition
+pn_disposition_is_failed: Final = lib.pn_disposition_is_failed
+pn_disposition_is_undeliverable: Final = lib.pn_disposition_is_undeliverable
+pn_disposition_set_failed: Final = lib.pn_disposition_set_failed
+pn_disposition_set_undeliverable: Final = lib.pn_disposition_set_undeliverable
+pn_event_connection: Final = lib.pn_event_connection
+pn_event_delivery: Final = lib.pn_event_delivery
+pn_event_link: Final = lib.pn_event_link
+pn_event_session: Final = lib.pn_event_session
+pn_event_transport: Final = lib.pn_event_transport
+pn_event_type: Final = lib.pn_event_type
+pn_link_advance: Final = lib.pn_link_advance
+pn_link_close: Final = lib.pn_link_close
+pn_link_condition: Final = lib.pn_link_condition
+pn_link_credit: Final = lib.pn_link_credit
+pn_link_drained: Final = lib.pn_link_drained
+pn_link_flow: Final = lib.pn_link_flow
+pn_link_free: Final = lib.pn_link_free
+pn_link_get_drain: Final = lib.pn_link_get_drain
+pn_link_is_sender: Final = lib.pn_link_is_sender
+pn_link_open: Final = lib.pn_link_open
+pn_link_recv: Final = lib.pn_link_recv
+pn_link_remote_rcv_settle_mode: Final = lib.pn_link_remote_rcv_settle_mode
+pn_link_remote_snd_settle_mode: Final = lib.pn_link_remote_snd_settle_mode
+pn_link_remote_source: Final = lib.pn_link_remote_source
+pn_link_remote_target: Final = lib.pn_link_remote_target
+pn_link_send: Final = lib.pn_link_send
+pn_link_session: Final = lib.pn_link_session
+pn_link_set_max_message_size: Final = lib.pn_link_set_max_message_size
+pn_link_set_rcv_settle_mode: Final = lib.pn_link_set_rcv_settle_mode
+pn_link_set_snd_settle_mode: Final = lib.pn_link_set_snd_settle_mode
+pn_link_source: Final = lib.pn_link_source
+pn_link_target: Final = lib.pn_link_target
+pn_session_close: Final = lib.pn_session_close
+pn_session_connection: Final = lib.pn_session_connection
+pn_session_open: Final = lib.pn_session_open
+pn_terminus_copy: Final = lib.pn_terminus_copy
+pn_terminus_is_dynamic: Final = lib.pn_terminus_is_dynamic
+pn_terminus_set_address: Final = lib.pn_terminus_set_address
+pn_transport_close_head: Final = lib.pn_transport_close_head
+pn_transport_close_tail: Final = lib.pn_transport_close_tail
+pn_transport_condition: Final = lib.pn_transport_condition
+pn_transport_connection: Final = lib.pn_transport_connection
+pn_transport_peek: Final = lib.pn_transport_peek
+pn_transport_pending: Final = lib.pn_transport_pending
+pn_transport_pop: Final = lib.pn_transport_pop
+pn_transport_tick: Final = lib.pn_transport_tick
+pn_transport_unbind: Final = lib.pn_transport_unbind
+
 log = logging.getLogger("meshbus.router")
 
-_OUTCOMES = {ACCEPTED_KIND: Outcome(ACCEPTED_KIND), RELEASED_KIND: Outcome(RELEASED_KIND)}
-MALFORMED = rejected("amqp:decode-error", "the message's header or properties section is not valid AMQP")
-MAX_HEADERS = 1 << 20  # bytes a message may take before its properties section is complete
-_READ_CHUNK = 1 << 16
+_OUTCOMES: Final = {ACCEPTED_KIND: Outcome(ACCEPTED_KIND), RELEASED_KIND: Outcome(RELEASED_KIND)}
+MALFORMED: Final = rejected(
+    "amqp:decode-error", "the message's header or properties section is not valid AMQP"
+)
+MAX_HEADERS: Final = 1 << 20  # bytes a message may take before its properties section is complete
+_READ_CHUNK: Final = 1 << 16
 
 
 class _Stream:
@@ -242,7 +249,7 @@ class Engine:
                 break
             size = min(pending, self._buffer_size)
             pn_transport_peek(transport, buffer, size)
-            pieces.append(ffi.unpack(buffer, size))
+            pieces.append(unpack(buffer, size))
             pn_transport_pop(transport, size)
         if pieces:
             conn.socket.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
@@ -266,7 +273,7 @@ class Engine:
             stuck = conn.slow_since
             if stuck is not None and time.monotonic() - stuck > max(conn.listener.idle_timeout, 5.0):
                 self._close_connection(conn, "amqp:resource-limit-exceeded", "peer is not reading its socket")
-        self.core.tick(time.time())
+        self.core.tick(epoch_seconds())
 
     def release(self, conn: AmqpConnection) -> None:
         """The socket is gone: detach the connection's links from the core, free the proton objects."""
@@ -322,7 +329,7 @@ class Engine:
         if blocked == conn.blocked:
             return
         conn.blocked = blocked
-        now = time.time()
+        now = epoch_seconds()
         for handle in list(conn.links):
             link = self.links.get(handle)
             if isinstance(link, ConsumerLink):
@@ -486,14 +493,14 @@ class Engine:
                 self._abort_stream(delivery_handle)
             self.core.detach_producer(link)
         else:
-            self.core.detach_consumer(link, time.time())
+            self.core.detach_consumer(link, epoch_seconds())
 
     def _on_flow(self, event: CData) -> None:
         handle = pn_event_link(event)
         link = self.links.get(handle)
         if isinstance(link, ConsumerLink):
             self.core.consumer_credit(
-                link, pn_link_credit(handle), bool(pn_link_get_drain(handle)), time.time()
+                link, pn_link_credit(handle), bool(pn_link_get_drain(handle)), epoch_seconds()
             )
 
     # -- deliveries ----------------------------------------------------------------------------------
@@ -530,7 +537,7 @@ class Engine:
             self._buffer_size = size
             self._buffer = ffi.new("char[]", size)
         count = pn_link_recv(link_handle, self._buffer, size)
-        return ffi.unpack(self._buffer, count) if count > 0 else b""
+        return unpack(self._buffer, count) if count > 0 else b""
 
     def _arrive(self, link: ProducerLink, delivery: CData, handle: CData) -> None:
         payload = self._read(handle, delivery)
@@ -540,7 +547,7 @@ class Engine:
         if limit and len(payload) > limit:
             self._refuse(link, delivery, handle, partial, _too_large(limit))
             return
-        now = time.time()
+        now = epoch_seconds()
         to, ttl, expiry, scan = peek(payload)
         if scan is Scan.MALFORMED:
             self._refuse(link, delivery, handle, partial, MALFORMED)
@@ -585,12 +592,19 @@ class Engine:
                 settled=settled,
                 to=to,
                 deadline=deadline,
-                now=time.time(),
+                now=epoch_seconds(),
             )
             return
         pn_link_advance(handle)
         self.core.deliver(
-            link, delivery, payload, complete=True, settled=settled, to=to, deadline=deadline, now=time.time()
+            link,
+            delivery,
+            payload,
+            complete=True,
+            settled=settled,
+            to=to,
+            deadline=deadline,
+            now=epoch_seconds(),
         )
         if settled:
             pn_delivery_settle(delivery)
@@ -622,7 +636,7 @@ class Engine:
             if scan is Scan.MALFORMED or (scan is Scan.INCOMPLETE and len(buffered) > MAX_HEADERS):
                 self._refuse(link, delivery, handle, partial, MALFORMED, stream)
             elif scan is not Scan.INCOMPLETE or not partial:
-                deadline = None if ttl is None and not expiry else _deadline(time.time(), ttl, expiry)
+                deadline = None if ttl is None and not expiry else _deadline(epoch_seconds(), ttl, expiry)
                 if not partial:
                     del self.streams[delivery]
                 self._route(link, delivery, handle, buffered, partial, to, deadline)
@@ -632,7 +646,7 @@ class Engine:
             routed.payload += chunk
         for consumer, _ in stream.outputs:
             if not consumer.closed:
-                pn_link_send(consumer.handle, ffi.from_buffer(chunk), len(chunk))
+                pn_link_send(consumer.handle, from_buffer(chunk), len(chunk))
                 receiver: AmqpConnection = consumer.owner
                 receiver.unflushed += len(chunk)
                 self.mark(receiver)
@@ -643,7 +657,7 @@ class Engine:
         routed.complete = True
         if pn_delivery_settled(delivery):
             pn_delivery_settle(delivery)
-        now = time.time()
+        now = epoch_seconds()
         for consumer, out in stream.outputs:
             if not consumer.closed:
                 pn_link_advance(consumer.handle)
@@ -660,7 +674,7 @@ class Engine:
 
     def _abort_outputs(self, stream: _Stream) -> None:
         """Abort the consumers' copies of a multi-frame delivery that will not complete."""
-        now = time.time()
+        now = epoch_seconds()
         for consumer, out in stream.outputs:
             if not consumer.closed:
                 consumer.inflight.pop(out, None)
@@ -715,7 +729,7 @@ class Engine:
         out = pn_delivery(handle, self._tag_bytes)
         payload = delivery.payload
         size = len(payload)
-        pn_link_send(handle, ffi.from_buffer(payload), size)
+        pn_link_send(handle, from_buffer(payload), size)
         conn: AmqpConnection = link.owner
         conn.unflushed += size
         if conn.unflushed > WRITE_HIGH_WATER and not conn.blocked:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from meshbus.router.addressing import Distribution, DistributionRules
 
@@ -23,10 +23,10 @@ from meshbus.router.addressing import Distribution, DistributionRules
 Handle = Any
 
 # Outcome kinds carry the AMQP 1.0 descriptor codes of the delivery states (also proton's PN_* values).
-ACCEPTED_KIND = 0x24
-REJECTED_KIND = 0x25
-RELEASED_KIND = 0x26
-MODIFIED_KIND = 0x27
+ACCEPTED_KIND: Final = 0x24
+REJECTED_KIND: Final = 0x25
+RELEASED_KIND: Final = 0x26
+MODIFIED_KIND: Final = 0x27
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +39,11 @@ class Outcome:
     undeliverable_here: bool = False
 
 
-ACCEPTED = Outcome(ACCEPTED_KIND)
-RELEASED = Outcome(RELEASED_KIND)
+ACCEPTED: Final = Outcome(ACCEPTED_KIND)
+RELEASED: Final = Outcome(RELEASED_KIND)
 # A consumer went away without settling: the producer may resend (delivery-failed raises its count).
-CONSUMER_LOST = Outcome(MODIFIED_KIND, delivery_failed=True)
-EXPIRED = Outcome(MODIFIED_KIND, undeliverable_here=True)
+CONSUMER_LOST: Final = Outcome(MODIFIED_KIND, delivery_failed=True)
+EXPIRED: Final = Outcome(MODIFIED_KIND, undeliverable_here=True)
 
 
 def rejected(condition: str, description: str) -> Outcome:

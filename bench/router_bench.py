@@ -37,6 +37,11 @@ LOCALHOST = "127.0.0.1"
 ONE_WAY_ADDRESS = "bench/oneway"
 RPC_ADDRESS = "bench/rpc"
 LISTENING = re.compile(r"listening on (\S+:\d+)")
+# The router runs on one core of its own and the load clients on the others, as the peers' figures were
+# measured ("at one core"); without that, figures swing by a third as the scheduler mixes them.
+CPUS = sorted(os.sched_getaffinity(0))
+ROUTER_CPUS = set(CPUS[-1:])
+CLIENT_CPUS = set(CPUS[:-1]) or ROUTER_CPUS
 
 
 class BenchError(Exception):
@@ -114,7 +119,7 @@ class _Lines:
 class Child:
     """A process this benchmark started; stopped by its own PID, never by name."""
 
-    def __init__(self, name: str, argv: Sequence[str], *, hold_stdin: bool = False) -> None:
+    def __init__(self, name: str, argv: Sequence[str], cpus: set[int], *, hold_stdin: bool = False) -> None:
         self.name = name
         self.popen = subprocess.Popen(
             argv,
@@ -122,6 +127,7 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
         )
         assert self.popen.stdout is not None and self.popen.stderr is not None
         self.stdout = _Lines(self.popen.stdout)
@@ -179,8 +185,10 @@ class Child:
 
 
 @contextlib.contextmanager
-def running(name: str, argv: Sequence[str], *, hold_stdin: bool = False) -> Iterator[Child]:
-    child = Child(name, argv, hold_stdin=hold_stdin)
+def running(
+    name: str, argv: Sequence[str], *, cpus: set[int] = CLIENT_CPUS, hold_stdin: bool = False
+) -> Iterator[Child]:
+    child = Child(name, argv, cpus, hold_stdin=hold_stdin)
     try:
         yield child
     finally:
@@ -320,7 +328,7 @@ def router(command: Sequence[str]) -> Iterator[tuple[Child, str]]:
     """A router listening on an ephemeral port; yields it and its HOST:PORT."""
     if not Path(command[0]).exists():
         raise BenchError(f"{command[0]} not found: install the project (pip install -e '.[test]') first")
-    with running("router", [*command, "--listen", f"{LOCALHOST}:0"]) as child:
+    with running("router", [*command, "--listen", f"{LOCALHOST}:0"], cpus=ROUTER_CPUS) as child:
         host_port = child.expect(LISTENING.pattern, 30, on_stderr=True)[1]
         yield child, host_port
         status = child.stop()
@@ -392,6 +400,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, bool]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings, direct_only = parse_args(argv)
+    print(f"# router on cpu {sorted(ROUTER_CPUS)}, load clients on cpu {sorted(CLIENT_CPUS)}", flush=True)
     try:
         raise_file_limit(settings.connections * 2 + 256)
         bench = Bench(settings)

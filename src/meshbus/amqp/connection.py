@@ -173,6 +173,7 @@ class AmqpConnection:
             view = view[capacity:]
             self.engine.process()
         self.engine.mark(self)
+        self.engine.flush_touched()  # now, not later in the loop turn: the peers are waiting (RPC latency)
 
     def abort(self, reason: str) -> None:
         """Close the socket now: for a peer we will not speak AMQP with."""

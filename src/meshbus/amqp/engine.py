@@ -2,8 +2,8 @@
 
 Rules of this module:
 1. It translates; it decides nothing about routing, credit or outcomes (router/core.py does).
-2. One collector serves every connection (cheaper than one each). Events are handled in order, then the
-   output of each connection touched is written once per turn of the event loop.
+2. One collector serves every connection (cheaper than one each). Events are handled in order; after each
+   batch of input, the output of every connection it touched is written at once, in one write each.
 3. The hot path (transfers, dispositions, flow) calls proton's cffi `lib` directly, with no proton Python
    wrapper objects; encoded messages are forwarded as received.
 """
@@ -224,13 +224,15 @@ class Engine:
         return loop.run_in_executor(self.executor, self.users.verify, user, password)
 
     def mark(self, conn: AmqpConnection) -> None:
-        """The connection may have output: write it at the end of this turn of the event loop."""
+        """The connection may have output: write it after the input being handled, or at the latest at
+        the end of this turn of the event loop."""
         self._dirty.add(conn)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_dirty)
+            asyncio.get_running_loop().call_soon(self.flush_touched)
 
-    def _flush_dirty(self) -> None:
+    def flush_touched(self) -> None:
+        """Write the output of every connection marked since the last call."""
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, set()
         for conn in dirty:

@@ -16,6 +16,7 @@ import os
 import re
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -225,12 +226,15 @@ class Figure:
     unit: str
     peer: str | None = None
     peer_value: float | None = None
+    runs: Sequence[float] = ()  # every run's value where `value` is their median
 
     def line(self) -> str:
         text = f"{self.name} {_number(self.value)} {self.unit}"
         if self.peer is not None and self.peer_value is not None:
             ratio = self.value / self.peer_value if self.peer_value else float("nan")
             text += f" {self.peer} {_number(self.peer_value)} {self.unit} ratio {ratio:.3f}"
+        if len(self.runs) > 1:
+            text += " (median of " + " ".join(_number(run) for run in self.runs) + ")"
         return text
 
 
@@ -250,6 +254,7 @@ class Settings:
     rpc_requests: int
     connections: int
     router_command: list[str]
+    repeat: int  # runs of each throughput figure; this VM's figures vary by a quarter from run to run
 
     def timeout(self, count: int) -> float:
         """Generous bound for one client run: a router at 5,000 msg/s still finishes."""
@@ -342,25 +347,34 @@ def router(command: Sequence[str]) -> Iterator[tuple[Child, str]]:
 def run_direct(bench: Bench) -> dict[str, float]:
     ceilings = {}
     for mode, presettled in (("unsettled", False), ("presettled", True)):
-        ceilings[mode] = bench.one_way(None, presettled)
-        report(Figure(f"oneway_{mode}_direct", ceilings[mode], "msg/s"))
+        runs = [bench.one_way(None, presettled) for _ in range(bench.settings.repeat)]
+        ceilings[mode] = statistics.median(runs)
+        report(Figure(f"oneway_{mode}_direct", ceilings[mode], "msg/s", runs=runs))
     return ceilings
 
 
 def run_router(bench: Bench, ceilings: dict[str, float]) -> None:
     command = bench.settings.router_command
     for mode, presettled in (("unsettled", False), ("presettled", True)):
+        rates, cpu_per_message = [], []
         with router(command) as (child, host_port):
-            cpu_before = cpu_seconds(child.pid)
-            rate = bench.one_way(host_port, presettled)
-            cpu = cpu_seconds(child.pid) - cpu_before
-        report(Figure(f"oneway_{mode}", rate, "msg/s", "direct", ceilings[mode]))
+            for _ in range(bench.settings.repeat):
+                cpu_before = cpu_seconds(child.pid)
+                rates.append(bench.one_way(host_port, presettled))
+                cpu = cpu_seconds(child.pid) - cpu_before
+                cpu_per_message.append(cpu / bench.settings.messages * 1e6)
+        median = statistics.median(rates)
+        report(Figure(f"oneway_{mode}", median, "msg/s", "direct", ceilings[mode], runs=rates))
         if not presettled:
-            report(Figure("router_cpu_per_msg", cpu / bench.settings.messages * 1e6, "us"))
+            report(
+                Figure("router_cpu_per_msg", statistics.median(cpu_per_message), "us", runs=cpu_per_message)
+            )
     for outstanding in (1, 16):
         with router(command) as (child, host_port):
-            rate, p50, p99 = bench.rpc(host_port, outstanding)
-        report(Figure(f"rpc_{outstanding}_outstanding", rate, "rt/s"))
+            results = sorted(bench.rpc(host_port, outstanding) for _ in range(bench.settings.repeat))
+        rate, p50, p99 = results[len(results) // 2]  # the run with the median rate
+        runs = [result[0] for result in results]
+        report(Figure(f"rpc_{outstanding}_outstanding", rate, "rt/s", runs=runs))
         report(Figure(f"rpc_{outstanding}_outstanding_p50", p50, "us"))
         report(Figure(f"rpc_{outstanding}_outstanding_p99", p99, "us"))
     with router(command) as (child, host_port):
@@ -378,6 +392,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, bool]:
     parser.add_argument("--connections", type=int, help="idle connections held (default 1,000)")
     parser.add_argument("--body-size", type=int, default=100, help="message body bytes (default 100)")
     parser.add_argument("--credit", type=int, default=1000, help="receivers' credit window (default 1,000)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per throughput figure (default 3)")
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--direct-only", action="store_true", help="only the client ceiling, no router")
     parser.add_argument(
@@ -394,6 +409,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, bool]:
         rpc_requests=args.rpc_requests or (500 if quick else 20_000),
         connections=args.connections or (100 if quick else 1000),
         router_command=shlex.split(args.router_command),
+        repeat=1 if quick else max(1, args.repeat),
     )
     return settings, bool(args.direct_only)
 

@@ -634,7 +634,7 @@ class Engine:
             buffered = stream.buffer
             assert buffered is not None
             buffered += chunk
-            to, ttl, expiry, scan = peek(buffered)
+            to, ttl, expiry, scan = peek(bytes(buffered))  # rare: headers spread over frames
             if scan is Scan.MALFORMED or (scan is Scan.INCOMPLETE and len(buffered) > MAX_HEADERS):
                 self._refuse(link, delivery, handle, partial, MALFORMED, stream)
             elif scan is not Scan.INCOMPLETE or not partial:

@@ -9,9 +9,9 @@ return, and it never raises: truncated and garbled input are reported in the res
 Cost, timeit minimum on this 2-core machine (Python 3.11, loaded by other work), independent of body size:
 0.34 us with empty header and properties, 1.0 us with `to`, 1.3 us for an RPC request (ttl, id, to,
 reply-to...), 1.9 us with both annotation sections and an expiry. Same run: proton.Message.decode 4-20 us;
-pn_message_decode through cffi plus three getters 0.9-1.7 us (2.6 us for a 64 KiB body). A memoryview
-costs 0.1-0.3 us more than bytes. Bytecodes are the cost here: every helper call or enum member access
-avoided in the hot loop below is worth about 60 ns.
+pn_message_decode through cffi plus three getters 0.9-1.7 us (2.6 us for a 64 KiB body). Bytecodes are the
+cost here: every helper call or enum member access avoided in the hot loop below is worth about 60 ns
+(interpreted; the router runs this module compiled by mypyc, which indexes `bytes` directly: bytes only).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ _COMPLETE, _INCOMPLETE, _MALFORMED = Scan.COMPLETE, Scan.INCOMPLETE, Scan.MALFOR
 
 # (to, ttl in ms, absolute expiry in ms since the epoch, scan). A plain tuple: a NamedTuple costs 0.2 us more.
 Peeked = tuple[str | None, int | None, int | None, Scan]
-Buffer = bytes | bytearray | memoryview
 
 _HEADER, _PROPERTIES = 0x70, 0x73
 _READ: Final = frozenset({_HEADER, _PROPERTIES})
@@ -74,7 +73,7 @@ class _Malformed(Exception):
     pass
 
 
-def peek(buf: Buffer) -> Peeked:
+def peek(buf: bytes) -> Peeked:
     """(to, ttl_ms, absolute_expiry_ms, scan) of the encoded message, or of its first bytes, in `buf`."""
     to = ttl = expiry = None
     pos, n = 0, len(buf)
@@ -156,14 +155,14 @@ def peek(buf: Buffer) -> Peeked:
     return to, ttl, expiry, _INCOMPLETE
 
 
-def _descriptor(buf: Buffer, pos: int) -> tuple[int, int]:
+def _descriptor(buf: bytes, pos: int) -> tuple[int, int]:
     """(position after the descriptor at pos, its section code; 0 for a symbol that names no section)."""
     if buf[pos] == 0x80:  # ulong
         return pos + 9, _U64.unpack_from(buf, pos + 1)[0]
     return _skip(buf, pos), _SYMBOLIC.get(_text(buf, pos), 0)
 
 
-def _text(buf: Buffer, pos: int) -> str:
+def _text(buf: bytes, pos: int) -> str:
     """The string or symbol at pos."""
     code = buf[pos]
     if code == 0xA1 or code == 0xA3:  # str8, sym8
@@ -177,7 +176,7 @@ def _text(buf: Buffer, pos: int) -> str:
     return str(buf[start : start + size], "utf-8")
 
 
-def _skip(buf: Buffer, pos: int) -> int:
+def _skip(buf: bytes, pos: int) -> int:
     """Position after the value at pos. A described value is two values: counting them avoids recursion."""
     pending = 1
     while pending:

@@ -13,26 +13,26 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from cproton_ffi import ffi, lib
+from cproton_ffi import ffi
 
-from meshbus.amqp.pn import CData
+from meshbus.amqp.pn import (
+    CData,
+    pn_transport,
+    pn_transport_bind,
+    pn_transport_capacity,
+    pn_transport_close_tail,
+    pn_transport_push,
+    pn_transport_require_auth,
+    pn_transport_set_idle_timeout,
+    pn_transport_set_max_frame,
+    pn_transport_set_server,
+)
 from meshbus.amqp.sasl import SaslError, SaslServer, SaslState
 from meshbus.config import ListenerConfig
 
 if TYPE_CHECKING:
     from meshbus.amqp.engine import Engine
 
-# proton's functions as Final names: compiled (mypyc) code reads these from C statics, where a plain
-# import or `lib.name` would cost a dictionary lookup on every call (see engine.py).
-pn_transport: Final = lib.pn_transport
-pn_transport_bind: Final = lib.pn_transport_bind
-pn_transport_capacity: Final = lib.pn_transport_capacity
-pn_transport_close_tail: Final = lib.pn_transport_close_tail
-pn_transport_push: Final = lib.pn_transport_push
-pn_transport_require_auth: Final = lib.pn_transport_require_auth
-pn_transport_set_idle_timeout: Final = lib.pn_transport_set_idle_timeout
-pn_transport_set_max_frame: Final = lib.pn_transport_set_max_frame
-pn_transport_set_server: Final = lib.pn_transport_set_server
 
 log = logging.getLogger("meshbus.connection")
 

@@ -17,13 +17,103 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Final
 
-from cproton_ffi import ffi, lib
+from cproton_ffi import ffi
 
 from meshbus import PRODUCT, __version__
 from meshbus.amqp import pn
 from meshbus.amqp.connection import WRITE_HIGH_WATER, AmqpConnection
 from meshbus.amqp.peek import Scan, peek
-from meshbus.amqp.pn import CData
+from meshbus.amqp.pn import (
+    PN_CONNECTION_REMOTE_CLOSE,
+    PN_CONNECTION_REMOTE_OPEN,
+    PN_DELIVERY,
+    PN_LINK_FLOW,
+    PN_LINK_REMOTE_CLOSE,
+    PN_LINK_REMOTE_DETACH,
+    PN_LINK_REMOTE_OPEN,
+    PN_SESSION_REMOTE_CLOSE,
+    PN_SESSION_REMOTE_OPEN,
+    PN_SND_SETTLED,
+    PN_TRANSPORT_CLOSED,
+    PN_TRANSPORT_ERROR,
+    CData,
+    pn_collector,
+    pn_collector_peek,
+    pn_collector_pop,
+    pn_connection,
+    pn_connection_close,
+    pn_connection_collect,
+    pn_connection_condition,
+    pn_connection_offered_capabilities,
+    pn_connection_open,
+    pn_connection_properties,
+    pn_connection_release,
+    pn_connection_remote_condition,
+    pn_connection_remote_container,
+    pn_connection_set_container,
+    pn_decref,
+    pn_delivery,
+    pn_delivery_abort,
+    pn_delivery_aborted,
+    pn_delivery_link,
+    pn_delivery_local,
+    pn_delivery_partial,
+    pn_delivery_pending,
+    pn_delivery_readable,
+    pn_delivery_remote,
+    pn_delivery_remote_state,
+    pn_delivery_settle,
+    pn_delivery_settled,
+    pn_delivery_update,
+    pn_disposition_condition,
+    pn_disposition_is_failed,
+    pn_disposition_is_undeliverable,
+    pn_disposition_set_failed,
+    pn_disposition_set_undeliverable,
+    pn_event_connection,
+    pn_event_delivery,
+    pn_event_link,
+    pn_event_session,
+    pn_event_transport,
+    pn_event_type,
+    pn_link_advance,
+    pn_link_close,
+    pn_link_condition,
+    pn_link_credit,
+    pn_link_drained,
+    pn_link_flow,
+    pn_link_free,
+    pn_link_get_drain,
+    pn_link_is_sender,
+    pn_link_open,
+    pn_link_recv,
+    pn_link_remote_rcv_settle_mode,
+    pn_link_remote_snd_settle_mode,
+    pn_link_remote_source,
+    pn_link_remote_target,
+    pn_link_send,
+    pn_link_session,
+    pn_link_set_max_message_size,
+    pn_link_set_rcv_settle_mode,
+    pn_link_set_snd_settle_mode,
+    pn_link_source,
+    pn_link_target,
+    pn_session_close,
+    pn_session_connection,
+    pn_session_open,
+    pn_terminus_copy,
+    pn_terminus_is_dynamic,
+    pn_terminus_set_address,
+    pn_transport_close_head,
+    pn_transport_close_tail,
+    pn_transport_condition,
+    pn_transport_connection,
+    pn_transport_peek,
+    pn_transport_pending,
+    pn_transport_pop,
+    pn_transport_tick,
+    pn_transport_unbind,
+)
 from meshbus.config import ListenerConfig
 from meshbus.router.addressing import DistributionRules
 from meshbus.router.core import (
@@ -41,99 +131,10 @@ from meshbus.router.core import (
 )
 from meshbus.users import UserDatabase
 
-# Functions of the hot path as Final names: compiled (mypyc) code reads these from C statics, where a plain
-# import or `lib.name` would cost a dictionary lookup on every call.
+# Final names: compiled (mypyc) code reads them from C statics, not from a dictionary per call.
 unpack: Final = ffi.unpack
 from_buffer: Final = ffi.from_buffer
 epoch_seconds: Final = time.time  # message expiry times are wall-clock times
-PN_CONNECTION_REMOTE_CLOSE: Final = lib.PN_CONNECTION_REMOTE_CLOSE
-PN_CONNECTION_REMOTE_OPEN: Final = lib.PN_CONNECTION_REMOTE_OPEN
-PN_DELIVERY: Final = lib.PN_DELIVERY
-PN_LINK_FLOW: Final = lib.PN_LINK_FLOW
-PN_LINK_REMOTE_CLOSE: Final = lib.PN_LINK_REMOTE_CLOSE
-PN_LINK_REMOTE_DETACH: Final = lib.PN_LINK_REMOTE_DETACH
-PN_LINK_REMOTE_OPEN: Final = lib.PN_LINK_REMOTE_OPEN
-PN_SESSION_REMOTE_CLOSE: Final = lib.PN_SESSION_REMOTE_CLOSE
-PN_SESSION_REMOTE_OPEN: Final = lib.PN_SESSION_REMOTE_OPEN
-PN_SND_SETTLED: Final = lib.PN_SND_SETTLED
-PN_TRANSPORT_CLOSED: Final = lib.PN_TRANSPORT_CLOSED
-PN_TRANSPORT_ERROR: Final = lib.PN_TRANSPORT_ERROR
-pn_collector: Final = lib.pn_collector
-pn_collector_peek: Final = lib.pn_collector_peek
-pn_collector_pop: Final = lib.pn_collector_pop
-pn_connection: Final = lib.pn_connection
-pn_connection_close: Final = lib.pn_connection_close
-pn_connection_collect: Final = lib.pn_connection_collect
-pn_connection_condition: Final = lib.pn_connection_condition
-pn_connection_offered_capabilities: Final = lib.pn_connection_offered_capabilities
-pn_connection_open: Final = lib.pn_connection_open
-pn_connection_properties: Final = lib.pn_connection_properties
-pn_connection_release: Final = lib.pn_connection_release
-pn_connection_remote_condition: Final = lib.pn_connection_remote_condition
-pn_connection_remote_container: Final = lib.pn_connection_remote_container
-pn_connection_set_container: Final = lib.pn_connection_set_container
-pn_decref: Final = lib.pn_decref
-pn_delivery: Final = lib.pn_delivery
-pn_delivery_abort: Final = lib.pn_delivery_abort
-pn_delivery_aborted: Final = lib.pn_delivery_aborted
-pn_delivery_link: Final = lib.pn_delivery_link
-pn_delivery_local: Final = lib.pn_delivery_local
-pn_delivery_partial: Final = lib.pn_delivery_partial
-pn_delivery_pending: Final = lib.pn_delivery_pending
-pn_delivery_readable: Final = lib.pn_delivery_readable
-pn_delivery_remote: Final = lib.pn_delivery_remote
-pn_delivery_remote_state: Final = lib.pn_delivery_remote_state
-pn_delivery_settle: Final = lib.pn_delivery_settle
-pn_delivery_settled: Final = lib.pn_delivery_settled
-pn_delivery_update: Final = lib.pn_delivery_update
-pn_disposition_condition: Final = lib.pn_disposition_condition
-pn_disposition_is_failed: Final = lib.pn_disposition_is_failed
-pn_disposition_is_undeliverable: Final = lib.pn_disposition_is_undeliverable
-pn_disposition_set_failed: Final = lib.pn_disposition_set_failed
-pn_disposition_set_undeliverable: Final = lib.pn_disposition_set_undeliverable
-pn_event_connection: Final = lib.pn_event_connection
-pn_event_delivery: Final = lib.pn_event_delivery
-pn_event_link: Final = lib.pn_event_link
-pn_event_session: Final = lib.pn_event_session
-pn_event_transport: Final = lib.pn_event_transport
-pn_event_type: Final = lib.pn_event_type
-pn_link_advance: Final = lib.pn_link_advance
-pn_link_close: Final = lib.pn_link_close
-pn_link_condition: Final = lib.pn_link_condition
-pn_link_credit: Final = lib.pn_link_credit
-pn_link_drained: Final = lib.pn_link_drained
-pn_link_flow: Final = lib.pn_link_flow
-pn_link_free: Final = lib.pn_link_free
-pn_link_get_drain: Final = lib.pn_link_get_drain
-pn_link_is_sender: Final = lib.pn_link_is_sender
-pn_link_open: Final = lib.pn_link_open
-pn_link_recv: Final = lib.pn_link_recv
-pn_link_remote_rcv_settle_mode: Final = lib.pn_link_remote_rcv_settle_mode
-pn_link_remote_snd_settle_mode: Final = lib.pn_link_remote_snd_settle_mode
-pn_link_remote_source: Final = lib.pn_link_remote_source
-pn_link_remote_target: Final = lib.pn_link_remote_target
-pn_link_send: Final = lib.pn_link_send
-pn_link_session: Final = lib.pn_link_session
-pn_link_set_max_message_size: Final = lib.pn_link_set_max_message_size
-pn_link_set_rcv_settle_mode: Final = lib.pn_link_set_rcv_settle_mode
-pn_link_set_snd_settle_mode: Final = lib.pn_link_set_snd_settle_mode
-pn_link_source: Final = lib.pn_link_source
-pn_link_target: Final = lib.pn_link_target
-pn_session_close: Final = lib.pn_session_close
-pn_session_connection: Final = lib.pn_session_connection
-pn_session_open: Final = lib.pn_session_open
-pn_terminus_copy: Final = lib.pn_terminus_copy
-pn_terminus_is_dynamic: Final = lib.pn_terminus_is_dynamic
-pn_terminus_set_address: Final = lib.pn_terminus_set_address
-pn_transport_close_head: Final = lib.pn_transport_close_head
-pn_transport_close_tail: Final = lib.pn_transport_close_tail
-pn_transport_condition: Final = lib.pn_transport_condition
-pn_transport_connection: Final = lib.pn_transport_connection
-pn_transport_peek: Final = lib.pn_transport_peek
-pn_transport_pending: Final = lib.pn_transport_pending
-pn_transport_pop: Final = lib.pn_transport_pop
-pn_transport_tick: Final = lib.pn_transport_tick
-pn_transport_unbind: Final = lib.pn_transport_unbind
 
 log = logging.getLogger("meshbus.router")
 

@@ -395,3 +395,13 @@ def test_a_peer_that_never_reads_is_closed_and_the_others_carry_on(
     assert set(outcomes) <= {"modified", "released"}  # sent to the peer and lost, or never sent
     after = run(Exchange(patient.url, unique("test/after"), numbered("after", 3)))
     assert after.bodies(0) == ["after-0", "after-1", "after-2"]
+
+
+def test_a_peer_stuck_in_sasl_is_closed(router: Callable[[Config], Router], raw_peer: RawPeers) -> None:
+    # Proton's idle time-out only starts with AMQP; the router's own rule covers the SASL layer before it.
+    impatient = router({"listener": [{"idle_timeout": 1.0}]})
+    peer = raw_peer(impatient)
+    peer.send(SASL_HEADER)
+    assert peer.read_until_closed(timeout=15), "the router kept a peer that never finished SASL"
+    assert bytes(peer.received[:8]) == SASL_HEADER  # it did offer its mechanisms first
+    assert "SASL not completed in time" in closed_line(impatient, peer)

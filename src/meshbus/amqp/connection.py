@@ -60,6 +60,7 @@ class AmqpConnection:
         self.connection: CData = ffi.NULL
         self.links: set[CData] = set()
         self.deadline = 0  # next pn_transport_tick, ms (monotonic); 0 = none
+        self.started = time.monotonic()
         self.slow_since: float | None = None  # when the socket's write buffer filled up
         self.unflushed = 0  # payload bytes handed to proton since the last flush
         self.blocked = False  # its consumer links are held back (see WRITE_HIGH_WATER)

@@ -266,15 +266,22 @@ class Engine:
     def tick(self) -> None:
         """Time-driven work: heartbeats and idle time-outs, slow peers, expiry of queued messages."""
         now_ms = _now_ms()
+        now = time.monotonic()
         for conn in list(self.connections):
             if conn.freed:
+                continue
+            patience = max(conn.listener.idle_timeout, 5.0)
+            if conn.sasl is not None:
+                # Proton's idle time-out starts after SASL, which is ours: a peer stuck in it goes here.
+                if now - conn.started > patience:
+                    conn.abort("SASL not completed in time")
                 continue
             if now_ms >= conn.deadline:
                 conn.deadline = pn_transport_tick(conn.transport, now_ms)
                 self.process()
                 self.mark(conn)
             stuck = conn.slow_since
-            if stuck is not None and time.monotonic() - stuck > max(conn.listener.idle_timeout, 5.0):
+            if stuck is not None and now - stuck > patience:
                 self._close_connection(conn, "amqp:resource-limit-exceeded", "peer is not reading its socket")
         self.core.tick(epoch_seconds())
 
@@ -315,6 +322,9 @@ class Engine:
                 conn.socket.close()
 
     def _close_connection(self, conn: AmqpConnection, name: str, description: str) -> None:
+        if conn.sasl is not None:  # no AMQP spoken yet: nothing to close but the socket
+            conn.abort(f"{name}: {description}")
+            return
         conn.reason = f"{name}: {description}"
         pn.set_condition(pn_connection_condition(conn.connection), name, description)
         pn_connection_close(conn.connection)

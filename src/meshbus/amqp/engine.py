@@ -228,13 +228,16 @@ class Engine:
         """The connection may have output: write it after the input being handled, or at the latest at
         the end of this turn of the event loop."""
         self._dirty.add(conn)
-        if not self._flush_scheduled:
+        if not self._flush_scheduled:  # one call per loop turn, however many batches of input it has
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush_touched)
+            asyncio.get_running_loop().call_soon(self._flush_at_end_of_turn)
+
+    def _flush_at_end_of_turn(self) -> None:
+        self._flush_scheduled = False
+        self.flush_touched()
 
     def flush_touched(self) -> None:
         """Write the output of every connection marked since the last call."""
-        self._flush_scheduled = False
         dirty, self._dirty = self._dirty, set()
         for conn in dirty:
             self.flush(conn)

@@ -164,14 +164,15 @@ class AmqpConnection:
     def push(self, data: bytes) -> None:
         """Feed the peer's bytes to proton, as much as it takes, and let the engine handle the events."""
         transport = self.transport
-        view = memoryview(data)
-        while view:
+        offset = 0
+        while offset < len(data):
             capacity = pn_transport_capacity(transport)
             if capacity <= 0:
                 break  # input side closed (error or Close): the rest is ignored
-            chunk = view[:capacity]
-            pn_transport_push(transport, ffi.from_buffer(chunk), len(chunk))
-            view = view[capacity:]
+            # cffi passes bytes to a `char *` as they are, without a copy; a larger read goes in pieces.
+            chunk = data if offset == 0 and capacity >= len(data) else data[offset : offset + capacity]
+            pn_transport_push(transport, chunk, len(chunk))
+            offset += len(chunk)
             self.engine.process()
         self.engine.mark(self)
         self.engine.flush_touched()  # now, not later in the loop turn: the peers are waiting (RPC latency)

@@ -662,7 +662,7 @@ class Engine:
             routed.payload += chunk
         for consumer, _ in stream.outputs:
             if not consumer.closed:
-                pn_link_send(consumer.handle, from_buffer(chunk), len(chunk))
+                pn_link_send(consumer.handle, chunk, len(chunk))
                 receiver: AmqpConnection = consumer.owner
                 receiver.unflushed += len(chunk)
                 self.mark(receiver)
@@ -745,7 +745,8 @@ class Engine:
         out = pn_delivery(handle, self._tag_bytes)
         payload = delivery.payload
         size = len(payload)
-        pn_link_send(handle, from_buffer(payload), size)
+        # cffi passes a bytes object to a `char *` as it is; other buffers need wrapping (0.2 us more).
+        pn_link_send(handle, payload if isinstance(payload, bytes) else from_buffer(payload), size)
         conn: AmqpConnection = link.owner
         conn.unflushed += size
         if conn.unflushed > WRITE_HIGH_WATER and not conn.blocked:

@@ -143,7 +143,7 @@ MALFORMED: Final = rejected(
     "amqp:decode-error", "the message's header or properties section is not valid AMQP"
 )
 MAX_HEADERS: Final = 1 << 20  # bytes a message may take before its properties section is complete
-_READ_CHUNK: Final = 1 << 16
+_BUFFER_SIZE: Final = 1 << 16
 
 
 class _Stream:
@@ -181,8 +181,7 @@ class Engine:
         self._dirty: set[AmqpConnection] = set()
         self._settle_later: list[tuple[ConsumerLink, CData]] = []
         self._flush_scheduled = False
-        self._buffer = ffi.new("char[]", _READ_CHUNK)
-        self._buffer_size = _READ_CHUNK
+        self._buffer = ffi.new("char[]", _BUFFER_SIZE)  # shared by every read and write: one thread
         self._tag = ffi.new("uint64_t[1]")
         self._tag_bytes = (8, ffi.cast("char *", self._tag))  # a pn_bytes_t over the counter
         self._handlers: dict[int, Callable[[CData], None]] = {
@@ -253,7 +252,7 @@ class Engine:
             pending = pn_transport_pending(transport)
             if pending <= 0:
                 break
-            size = min(pending, self._buffer_size)
+            size = min(pending, _BUFFER_SIZE)
             pn_transport_peek(transport, buffer, size)
             pieces.append(unpack(buffer, size))
             pn_transport_pop(transport, size)
@@ -369,7 +368,7 @@ class Engine:
                 continue
             handler = handlers.get(pn_event_type(event))
             if handler is None:
-                pn_collector_pop(collector)  # mostly PN_TRANSPORT: output is written once per loop turn
+                pn_collector_pop(collector)  # mostly PN_TRANSPORT: output is written after each batch
                 continue
             try:
                 handler(event)
@@ -549,11 +548,10 @@ class Engine:
 
     def _read(self, link_handle: CData, delivery: CData) -> bytes:
         size = pn_delivery_pending(delivery)
-        if size > self._buffer_size:
-            self._buffer_size = size
-            self._buffer = ffi.new("char[]", size)
-        count = pn_link_recv(link_handle, self._buffer, size)
-        return unpack(self._buffer, count) if count > 0 else b""
+        # Frames of a large message may be waiting together: a buffer for them alone, not kept.
+        buffer = self._buffer if size <= _BUFFER_SIZE else ffi.new("char[]", size)
+        count = pn_link_recv(link_handle, buffer, size)
+        return unpack(buffer, count) if count > 0 else b""
 
     def _arrive(self, link: ProducerLink, delivery: CData, handle: CData) -> None:
         payload = self._read(handle, delivery)
@@ -568,22 +566,12 @@ class Engine:
         if scan is Scan.MALFORMED:
             self._refuse(link, delivery, handle, partial, MALFORMED)
             return
-        deadline = None if ttl is None and not expiry else _deadline(now, ttl, expiry)
-        if not partial:
-            # The common case, a message in one transfer: forward it now.
-            pn_link_advance(handle)
-            settled = pn_delivery_settled(delivery)
-            self.core.deliver(
-                link, delivery, payload, complete=True, settled=settled, to=to, deadline=deadline, now=now
-            )
-            if settled:
-                pn_delivery_settle(delivery)
-            return
-        if scan is Scan.INCOMPLETE:
-            # The headers did not fit in the first frames: wait for more (bounded by the message size limit).
+        if partial and scan is Scan.INCOMPLETE:
+            # The headers did not fit in the first frames: wait for more (bounded by MAX_HEADERS).
             self.streams[delivery] = _Stream(len(payload), bytearray(payload))
             return
-        self._route(link, delivery, handle, payload, partial, to, deadline)
+        deadline = None if ttl is None and not expiry else _deadline(now, ttl, expiry)
+        self._route(link, delivery, handle, payload, partial, to, deadline, now)
 
     def _route(
         self,
@@ -594,8 +582,10 @@ class Engine:
         partial: bool,
         to: str | None,
         deadline: float | None,
+        now: float,
     ) -> None:
-        settled = bool(pn_delivery_settled(delivery))
+        """Hand a delivery to the core: whole, or its first part (the rest streams through `_continue`)."""
+        settled = pn_delivery_settled(delivery)
         if partial:
             stream = self.streams.get(delivery) or _Stream(len(payload))
             stream.buffer = None
@@ -608,19 +598,12 @@ class Engine:
                 settled=settled,
                 to=to,
                 deadline=deadline,
-                now=epoch_seconds(),
+                now=now,
             )
             return
         pn_link_advance(handle)
         self.core.deliver(
-            link,
-            delivery,
-            payload,
-            complete=True,
-            settled=settled,
-            to=to,
-            deadline=deadline,
-            now=epoch_seconds(),
+            link, delivery, payload, complete=True, settled=settled, to=to, deadline=deadline, now=now
         )
         if settled:
             pn_delivery_settle(delivery)
@@ -652,10 +635,11 @@ class Engine:
             if scan is Scan.MALFORMED or (scan is Scan.INCOMPLETE and len(buffered) > MAX_HEADERS):
                 self._refuse(link, delivery, handle, partial, MALFORMED, stream)
             elif scan is not Scan.INCOMPLETE or not partial:
-                deadline = None if ttl is None and not expiry else _deadline(epoch_seconds(), ttl, expiry)
+                now = epoch_seconds()
+                deadline = None if ttl is None and not expiry else _deadline(now, ttl, expiry)
                 if not partial:
                     del self.streams[delivery]
-                self._route(link, delivery, handle, buffered, partial, to, deadline)
+                self._route(link, delivery, handle, buffered, partial, to, deadline, now)
             return
         if routed.queued:
             assert isinstance(routed.payload, bytearray)
@@ -693,10 +677,9 @@ class Engine:
         now = epoch_seconds()
         for consumer, out in stream.outputs:
             if not consumer.closed:
-                consumer.inflight.pop(out, None)
                 pn_delivery_abort(out)
                 self.mark(consumer.owner)
-                self.core.stream_finished(consumer, now)
+                self.core.stream_finished(consumer, now, aborted=out)
         stream.outputs = []
 
     def _refuse(

@@ -434,8 +434,11 @@ class RouterCore:
             delivery.link.inflight.pop(delivery.handle, None)
             self._edge.settle(delivery, outcome)
 
-    def stream_finished(self, link: ConsumerLink, now: float) -> None:
-        """The edge completed (or aborted) the multi-frame delivery that held this consumer's link."""
+    def stream_finished(self, link: ConsumerLink, now: float, aborted: Handle = None) -> None:
+        """The edge completed the multi-frame delivery that held this consumer's link, or aborted its copy
+        `aborted` (whose outcome then never comes)."""
+        if aborted is not None:
+            link.inflight.pop(aborted, None)
         link.streaming = None
         self._pump(link, now)
 

@@ -158,6 +158,10 @@ def test_config_without_addresses_has_the_built_in_rules():
             " (got -1)",
         ),
         (
+            "[router]\nbusy_poll = 1000000\n",
+            "router.toml:2: router.busy_poll: Input should be less than or equal to 100000 (got 1000000)",
+        ),
+        (
             '[router]\nlog_level = "verbose"\n',
             "router.toml:2: router.log_level: Input should be 'debug', 'info', 'warning' or 'error'"
             ' (got "verbose")',
@@ -244,7 +248,7 @@ def test_address_rules_are_checked(tmp_path, text, message):
         (
             '[router]\nname = "a"\n',
             "router.toml:2: router.name: unknown field;"
-            " the fields allowed here are id, log_level, users_file",
+            " the fields allowed here are id, log_level, users_file, busy_poll",
         ),
         (
             "[[address]]\nprefix = 'a'\n'weight' = 2\n",

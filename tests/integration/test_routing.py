@@ -93,6 +93,12 @@ def test_rpc_with_a_dynamic_reply_address_and_an_anonymous_relay_reply_sender(de
     assert client.replies == {f"request-{n}": {"doubled": 2 * n} for n in range(5)}
 
 
+def test_rpc_through_a_router_that_busy_polls(router: Callable[[Config], Router]) -> None:
+    polling = router({"router": {"busy_poll": 200}})
+    client = run(RpcClient(polling.url, unique("test/rpc"), requests=50))
+    assert client.replies == {f"request-{n}": {"doubled": 2 * n} for n in range(50)}
+
+
 def test_balanced_spreads_over_three_consumers_by_unsettled_count(default_router: Router) -> None:
     # Consumers hold every delivery unsettled until all have arrived: "fewest unsettled" then means turns.
     messages = numbered("work", 30)

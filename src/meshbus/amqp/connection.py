@@ -176,6 +176,7 @@ class AmqpConnection:
             self.engine.process()
         self.engine.mark(self)
         self.engine.flush_touched()  # now, not later in the loop turn: the peers are waiting (RPC latency)
+        self.engine.keep_polling()
 
     def abort(self, reason: str) -> None:
         """Close the socket now: for a peer we will not speak AMQP with."""

@@ -48,7 +48,9 @@ async def serve(config: RouterConfig) -> int:
                     "(create it with `meshbus users add FILE USER`)"
                 )
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="meshbus-auth") as executor:
-        engine = Engine(config.router.id, config.distribution_rules(), users, executor)
+        engine = Engine(
+            config.router.id, config.distribution_rules(), users, executor, config.router.busy_poll / 1e6
+        )
         servers = [await _listen(loop, engine, listener) for listener in config.listener]
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -196,7 +196,6 @@ class Engine:
             PN_LINK_REMOTE_CLOSE: self._on_link_close,
             PN_LINK_REMOTE_DETACH: self._on_link_close,
             PN_LINK_FLOW: self._on_flow,
-            PN_DELIVERY: self._on_delivery,
             PN_TRANSPORT_ERROR: self._on_transport_error,
             PN_TRANSPORT_CLOSED: self._on_transport_closed,
         }
@@ -387,12 +386,14 @@ class Engine:
                     return
                 self._settle_consumers()
                 continue
-            handler = handlers.get(pn_event_type(event))
-            if handler is None:
-                pn_collector_pop(collector)  # mostly PN_TRANSPORT: output is written after each batch
-                continue
+            kind: int = pn_event_type(event)
             try:
-                handler(event)
+                if kind == PN_DELIVERY:
+                    self._on_delivery(event)  # the hot event: a direct call once compiled
+                else:
+                    handler = handlers.get(kind)  # None for most, PN_TRANSPORT above all
+                    if handler is not None:
+                        handler(event)
             except Exception:
                 conn = self.by_connection.get(pn_event_connection(event))
                 log.exception("internal error handling an event; closing connection %s", conn and conn.peer)
@@ -549,8 +550,8 @@ class Engine:
             return
         if link.__class__ is ConsumerLink:
             # A consumer's disposition of a delivery we sent it.
-            settled = pn_delivery_settled(delivery)
-            kind = pn_delivery_remote_state(delivery)
+            settled: bool = pn_delivery_settled(delivery)
+            kind: int = pn_delivery_remote_state(delivery)
             if kind or settled:
                 outcome = _OUTCOMES.get(kind) or _read_outcome(delivery, kind)
                 self.core.consumer_outcome(link, delivery, outcome, settled)
@@ -568,7 +569,7 @@ class Engine:
             pn_delivery_settle(delivery)
 
     def _read(self, link_handle: CData, delivery: CData) -> bytes:
-        size = pn_delivery_pending(delivery)
+        size: int = pn_delivery_pending(delivery)
         # Frames of a large message may be waiting together: a buffer for them alone, not kept.
         buffer = self._buffer if size <= _BUFFER_SIZE else ffi.new("char[]", size)
         count = pn_link_recv(link_handle, buffer, size)
@@ -576,7 +577,7 @@ class Engine:
 
     def _arrive(self, link: ProducerLink, delivery: CData, handle: CData) -> None:
         payload = self._read(handle, delivery)
-        partial = pn_delivery_partial(delivery)
+        partial: bool = pn_delivery_partial(delivery)
         owner: AmqpConnection = link.owner
         limit = owner.max_message_size
         if limit and len(payload) > limit:
@@ -606,7 +607,7 @@ class Engine:
         now: float,
     ) -> None:
         """Hand a delivery to the core: whole, or its first part (the rest streams through `_continue`)."""
-        settled = pn_delivery_settled(delivery)
+        settled: bool = pn_delivery_settled(delivery)
         if partial:
             stream = self.streams.get(delivery) or _Stream(len(payload))
             stream.buffer = None

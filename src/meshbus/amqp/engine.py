@@ -59,7 +59,6 @@ from meshbus.amqp.pn import (
     pn_delivery_local,
     pn_delivery_partial,
     pn_delivery_pending,
-    pn_delivery_readable,
     pn_delivery_remote,
     pn_delivery_remote_state,
     pn_delivery_settle,
@@ -561,12 +560,12 @@ class Engine:
         assert isinstance(link, ProducerLink)
         if self.streams and delivery in self.streams:
             self._continue(delivery, handle)
-        elif pn_delivery_readable(delivery):
+        elif delivery in link.inflight:  # forwarded, unsettled: an update from the producer
+            if pn_delivery_settled(delivery):  # it settled first: it no longer wants the outcome
+                self.core.producer_settled(link, delivery)
+                pn_delivery_settle(delivery)
+        else:
             self._arrive(link, delivery, handle)
-        elif pn_delivery_settled(delivery):
-            # The producer settled first (or aborted before its first byte reached us).
-            self.core.producer_settled(link, delivery)
-            pn_delivery_settle(delivery)
 
     def _read(self, link_handle: CData, delivery: CData) -> bytes:
         size: int = pn_delivery_pending(delivery)
@@ -577,6 +576,10 @@ class Engine:
 
     def _arrive(self, link: ProducerLink, delivery: CData, handle: CData) -> None:
         payload = self._read(handle, delivery)
+        if not payload and pn_delivery_aborted(delivery):  # aborted before its first byte reached us
+            pn_link_advance(handle)
+            pn_delivery_settle(delivery)
+            return
         partial: bool = pn_delivery_partial(delivery)
         owner: AmqpConnection = link.owner
         limit = owner.max_message_size

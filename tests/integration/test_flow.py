@@ -78,6 +78,13 @@ def test_released_at_once_when_no_consumer_on_an_anonymous_relay_link(default_ro
     assert max(o.seconds for o in outcomes) < 2.0
 
 
+def test_deliveries_to_nobody_are_counted(router: Callable[[Config], Router]) -> None:
+    counted = router({})
+    run(Exchange(counted.url, unique("test/nobody"), numbered("lost", 3), [], anonymous=True))
+    counted.stop()
+    assert counted.wait_for_log(r"stopped: .*released_no_consumer=3 ", timeout=1) is not None, counted.log()
+
+
 class Drainer(Client):
     """A consumer with no credit on the same connection as a producer that first sends `queued` messages to
     it (they wait in the router); then the consumer asks to drain with `credit`."""

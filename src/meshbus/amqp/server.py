@@ -64,6 +64,7 @@ async def serve(config: RouterConfig) -> int:
             server.close()
         engine.close_all()
         await _wait_closed(engine)
+        log.info("router %s stopped: %s", config.router.id, engine.core.counters)
     return 0
 
 

@@ -14,7 +14,7 @@ Rules of this module:
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Final, Protocol
 
 from meshbus.router.addressing import Distribution, DistributionRules
@@ -156,11 +156,16 @@ class Delivery:
 
 @dataclass(slots=True)
 class Counters:
+    """What the router did with deliveries, for its operator (logged at exit until management comes)."""
+
     delivered: int = 0
     released_no_consumer: int = 0
     dropped_no_consumer: int = 0
     expired: int = 0
     rejected: int = 0
+
+    def __str__(self) -> str:
+        return " ".join(f"{item.name}={getattr(self, item.name)}" for item in fields(self))
 
 
 class RouterCore:

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run test lint typecheck unit clean
 
 # The router's hot modules are compiled (setup.py): reinstall when their sources change.
-$(STAMP): pyproject.toml setup.py $(wildcard src/meshbus/router/*.py src/meshbus/amqp/*.py)
+$(STAMP): pyproject.toml setup.py $(wildcard src/meshbus/*.py src/meshbus/router/*.py src/meshbus/amqp/*.py)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

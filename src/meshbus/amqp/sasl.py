@@ -26,6 +26,8 @@ from typing import Any, Final
 
 from cproton_ffi import ffi, lib
 
+from meshbus.amqp.pn import put_symbol_array
+
 SASL_HEADER: Final = b"AMQP\x03\x01\x00\x00"
 AMQP_HEADER: Final = b"AMQP\x00\x01\x00\x00"
 MAX_FRAME_SIZE: Final = 64 * 1024
@@ -304,15 +306,7 @@ def _encode_frame(code: int, put_fields: Callable[[Any], object]) -> bytes:
 
 @functools.cache
 def _mechanisms_frame(mechanisms: tuple[str, ...]) -> bytes:
-    def put_mechanisms(data: Any) -> None:
-        lib.pn_data_put_array(data, False, lib.PN_SYMBOL)
-        lib.pn_data_enter(data)
-        for mechanism in mechanisms:
-            name = mechanism.encode("ascii")
-            lib.pn_data_put_symbol(data, (len(name), ffi.from_buffer(name)))  # proton copies the bytes
-        lib.pn_data_exit(data)
-
-    return _encode_frame(0x40, put_mechanisms)
+    return _encode_frame(0x40, lambda data: put_symbol_array(data, list(mechanisms)))
 
 
 def _outcome_frame(code: int) -> bytes:

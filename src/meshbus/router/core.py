@@ -434,6 +434,10 @@ class RouterCore:
         """Settle a delivery that goes no further (no consumer, expired, refused)."""
         delivery.pending = 0
         self._move_on(delivery)
+        self._settle_producer(delivery, outcome)
+
+    def _settle_producer(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Tell the producer the final outcome, once, unless it no longer listens."""
         if not delivery.settled:
             delivery.settled = True
             delivery.link.inflight.pop(delivery.handle, None)
@@ -452,23 +456,23 @@ class RouterCore:
         delivery.aborted = True
         delivery.settled = True
         delivery.link.inflight.pop(delivery.handle, None)
-        for entry_link in self._links_queuing(delivery):
-            entry_link.queue.remove(delivery)
-            delivery.queued -= 1
+        self._unqueue(delivery)
         self._move_on(delivery)
 
-    def _links_queuing(self, delivery: Delivery) -> list[ConsumerLink]:
+    def _unqueue(self, delivery: Delivery) -> None:
+        """Take the delivery's waiting copies out of its consumers' queues."""
         entry = self.entries.get(delivery.address)
         if entry is None or not delivery.queued:
-            return []
-        return [link for link in entry.consumers if delivery in link.queue]
+            return
+        for link in entry.consumers:
+            if delivery in link.queue:
+                link.queue.remove(delivery)
+                delivery.queued -= 1
 
     def refuse(self, delivery: Delivery, outcome: Outcome) -> None:
         """The edge refuses a delivery mid-way (too large): copies already started are aborted by the edge."""
         self.counters.rejected += 1
-        for link in self._links_queuing(delivery):
-            link.queue.remove(delivery)
-            delivery.queued -= 1
+        self._unqueue(delivery)
         delivery.aborted = True
         self._finish(delivery, outcome)
 
@@ -482,15 +486,7 @@ class RouterCore:
                 self._edge.update(delivery, outcome)
             return
         delivery = link.inflight.pop(handle, None)
-        if delivery is None:
-            return
-        if delivery.unicast:  # the common case, without the multicast bookkeeping
-            delivery.pending = 0
-            if not delivery.settled:
-                delivery.settled = True
-                del delivery.link.inflight[delivery.handle]
-                self._edge.settle(delivery, outcome)
-        else:
+        if delivery is not None:
             self._copy_settled(delivery, outcome)
 
     def producer_settled(self, link: ProducerLink, handle: Handle) -> None:
@@ -512,10 +508,7 @@ class RouterCore:
             if delivery.pending > 0:
                 return
             final = delivery.refusal or (ACCEPTED if delivery.accepted else RELEASED)
-        if delivery.pending <= 0 and not delivery.settled:
-            delivery.settled = True
-            delivery.link.inflight.pop(delivery.handle, None)
-            self._edge.settle(delivery, final)
+        self._settle_producer(delivery, final)
 
     # -- time ----------------------------------------------------------------------------------------
 

@@ -519,9 +519,8 @@ class Engine:
         link = self.links.pop(handle, None)
         if link is None:
             return
-        conn = self.by_connection.get(pn_session_connection(pn_link_session(handle)))
-        if conn is not None:
-            conn.links.discard(handle)
+        owner: AmqpConnection = link.owner
+        owner.links.discard(handle)
         if isinstance(link, ProducerLink):
             for delivery_handle in [
                 d for d, s in self.streams.items() if s.delivery and s.delivery.link is link

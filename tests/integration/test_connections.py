@@ -30,7 +30,7 @@ from tests.integration.clients import (
     the,
     unique,
 )
-from tests.integration.conftest import Config, Router
+from tests.conftest import Config, Router
 
 SASL_HEADER = b"AMQP\x03\x01\x00\x00"
 AMQP_HEADER = b"AMQP\x00\x01\x00\x00"

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from proton import Delivery, Event, Message
 
 from tests.integration.clients import Client, Exchange, numbered, run, the, unique
-from tests.integration.conftest import Config, Router
+from tests.conftest import Config, Router
 
 ALONE = 0.5  # seconds a producer waits with no consumer on its address
 

@@ -13,7 +13,7 @@ import pytest
 from proton import Event
 
 from tests.integration.clients import Client, Running, the, unique
-from tests.integration.conftest import Config, Router
+from tests.conftest import Config, Router
 
 
 class Idle(Client):

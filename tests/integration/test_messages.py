@@ -9,7 +9,7 @@ from collections.abc import Callable
 from proton import Delivery, Event, Message
 
 from tests.integration.clients import Client, Exchange, run, the, unique
-from tests.integration.conftest import Config, Router
+from tests.conftest import Config, Router
 
 MiB = 1 << 20
 

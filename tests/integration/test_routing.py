@@ -23,7 +23,7 @@ from tests.integration.clients import (
     the,
     unique,
 )
-from tests.integration.conftest import Config, Router
+from tests.conftest import Config, Router
 
 
 def test_send_and_receive(default_router: Router) -> None:

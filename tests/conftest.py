@@ -1,4 +1,4 @@
-"""Routers as real processes for the integration tests.
+"""Routers as real processes, for every test that needs one (integration, messaging, oslo).
 
 1. `router(config)` starts `meshbus router --config FILE` in a subprocess with the given configuration (a dict
    or TOML text; listeners default to 127.0.0.1 on an ephemeral port) and returns a `Router` once it logs

@@ -102,18 +102,28 @@ class Options:
 
 class IncomingMessage:
     """A message a receiver got. Settle it exactly once: accept, release, reject or modify. Its receiver's
-    credit is given back when it is settled, so credit bounds the messages a consumer holds."""
+    credit is given back when it is settled, so credit bounds the messages a consumer holds; or, with
+    `accept(hold_credit=True)`, when `finished()` is called: then credit bounds the messages in work."""
 
-    __slots__ = ("_delivery", "_generation", "_receiver", "payload")
+    __slots__ = ("_credit_held", "_delivery", "_generation", "_receiver", "payload")
 
     def __init__(self, receiver: Receiver, delivery: CData, payload: bytes) -> None:
         self._receiver = receiver
         self._delivery = delivery
         self._generation = receiver._conn._generation
+        self._credit_held = False
         self.payload = payload
 
-    def accept(self) -> None:
+    def accept(self, *, hold_credit: bool = False) -> None:
+        self._credit_held = hold_credit
         self._settle(lib.PN_ACCEPTED)
+
+    def finished(self) -> None:
+        """The work an `accept(hold_credit=True)` started is done: its credit goes back to the router."""
+        if self._credit_held:
+            self._credit_held = False
+            if self._generation == self._receiver._conn._generation:
+                self._receiver._settled()
 
     def release(self) -> None:
         self._settle(lib.PN_RELEASED)
@@ -143,7 +153,8 @@ class IncomingMessage:
             pn.set_condition(lib.pn_disposition_condition(lib.pn_delivery_local(delivery)), *error)
         lib.pn_delivery_update(delivery, state)
         lib.pn_delivery_settle(delivery)
-        self._receiver._settled()
+        if not self._credit_held:
+            self._receiver._settled()
 
 
 Handler = Callable[[IncomingMessage], None]
@@ -183,6 +194,13 @@ class Receiver:
         if self.link != ffi.NULL:
             lib.pn_link_close(self.link)
             self._conn._flush()
+
+    def _detached(self) -> None:
+        """The connection dropped: a new attach (and, if dynamic, a new address) comes with the next one."""
+        self.link = ffi.NULL
+        self._owed = 0
+        if self._ready.done():
+            self._ready = self._conn._loop.create_future()
 
     def _attached(self, address: str) -> None:
         if self._ready.done():
@@ -250,6 +268,7 @@ class ClientConnection:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._closing = False
         self.connected_to: Host | None = None
+        self.on_lost: list[Callable[[str], None]] = []  # called with the reason when a connection drops
         self.last_error: str | None = None
         self._supervisor = self._loop.create_task(self._run(), name="meshbus-connection")
 
@@ -382,8 +401,7 @@ class ClientConnection:
         self._senders.clear()
         self._links.clear()
         for receiver in self._receivers:
-            receiver.link = ffi.NULL
-            receiver._owed = 0
+            receiver._detached()
         if self._connection != ffi.NULL:
             lib.pn_transport_unbind(self._transport)
             lib.pn_connection_release(self._connection)
@@ -392,6 +410,8 @@ class ClientConnection:
             self._connection = self._transport = self._collector = ffi.NULL
             self._session = self._relay = ffi.NULL
         self._lost.set()
+        for callback in self.on_lost:
+            callback(reason)
 
     # -- sockets ----------------------------------------------------------------------------------
 

@@ -1,0 +1,368 @@
+"""RPC: clients that call and cast, servers that dispatch requests to endpoint objects.
+
+`AsyncRPCClient` and `AsyncRPCServer` run on an `AsyncTransport`'s loop; `RPCClient` and `RPCServer` are
+their blocking faces on a `Transport`, the same objects underneath.
+
+Dispatch rules (the oslo.messaging ones): an endpoint serves the namespace and version of its `target`
+attribute (default: no namespace, version 1.0). A request goes to the first endpoint of its namespace whose
+version is compatible (same major, minor at least the request's) and that has the method; methods whose
+names start with `_` are never called. None of the namespace: `UnsupportedVersion`; no such method:
+`NoSuchMethod`. An endpoint method is called as `method(ctxt, **args)`; coroutine functions are awaited on
+the loop, plain functions run in the server's executor (a thread pool), never on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, Final, TypeVar
+
+from meshbus.amqp.client import IncomingMessage, Receiver
+from meshbus.messaging import exceptions, wire
+from meshbus.messaging.exceptions import (
+    ExpectedException,
+    InvalidTarget,
+    NoSuchMethod,
+    UnsupportedVersion,
+)
+from meshbus.messaging.serializer import Serializer
+from meshbus.messaging.target import Target
+from meshbus.messaging.transport import AsyncTransport, Transport
+
+log = logging.getLogger("meshbus.messaging.rpc")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_TIMEOUT: Final = 60.0  # seconds a call waits for its reply, unless told otherwise
+DEFAULT_VERSION: Final = "1.0"
+
+
+def version_is_compatible(available: str, requested: str) -> bool:
+    """Whether an endpoint at version `available` serves a request for `requested` (same major version,
+    and at least the requested minor and revision)."""
+    have = [int(part) for part in available.split(".")]
+    want = [int(part) for part in requested.split(".")]
+    if have[0] != want[0]:
+        return False
+    return have[1:] >= want[1:]
+
+
+def expected_exceptions(*exceptions: type[BaseException]) -> Callable[[F], F]:
+    """Declare exceptions an endpoint method raises as part of its API: the server returns them to the
+    caller as usual, without logging a traceback."""
+
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except exceptions as error:
+                raise ExpectedException((type(error), error, error.__traceback__)) from error
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+# -- clients -------------------------------------------------------------------------------------------------
+
+
+class AsyncRPCClient:
+    """Calls and casts to a target, on an `AsyncTransport`.
+
+    - `call` waits for the reply and returns the result (or raises the remote exception, rebuilt as
+      `<Type>_Remote` when its module is builtins or in `allowed_remote_modules`, else `RemoteError`).
+    - `cast` returns once a server has taken the request (at least once: resent if it was given back) or,
+      with `at_least_once=False`, once it is written (pre-settled, fire and forget).
+    - A call or cast that nobody serves fails at once with `MessageUndeliverable`.
+    - `prepare(...)` gives a client with some of the target's fields, the time-out or the retry changed.
+    """
+
+    def __init__(
+        self,
+        transport: AsyncTransport,
+        target: Target,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry: int | None = None,
+        version_cap: str | None = None,
+        serializer: Serializer | None = None,
+        at_least_once: bool = True,
+        allowed_remote_modules: Iterable[str] = (),
+    ) -> None:
+        self.transport = transport
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry
+        self.version_cap = version_cap
+        self.serializer = serializer or Serializer()
+        self.at_least_once = at_least_once
+        # The library's own errors (NoSuchMethod, UnsupportedVersion...) are always rebuilt at the caller.
+        self.allowed_remote_modules = frozenset(allowed_remote_modules) | {exceptions.__name__}
+
+    def prepare(
+        self,
+        *,
+        exchange: str | None = None,
+        topic: str | None = None,
+        namespace: str | None = None,
+        version: str | None = None,
+        server: str | None = None,
+        fanout: bool | None = None,
+        timeout: float | None = None,
+        retry: int | None = None,
+        version_cap: str | None = None,
+        at_least_once: bool | None = None,
+    ) -> AsyncRPCClient:
+        prepared = AsyncRPCClient.__new__(AsyncRPCClient)
+        prepared.__dict__.update(self.__dict__)
+        prepared.target = self.target.replace(
+            exchange=exchange, topic=topic, namespace=namespace, version=version, server=server, fanout=fanout
+        )
+        for name, value in (
+            ("timeout", timeout),
+            ("retry", retry),
+            ("version_cap", version_cap),
+            ("at_least_once", at_least_once),
+        ):
+            if value is not None:
+                setattr(prepared, name, value)
+        return prepared
+
+    def can_send_version(self, version: str | None = None) -> bool:
+        """Whether `version` (default: the target's) is within the version cap."""
+        wanted = version or self.target.version
+        return self.version_cap is None or wanted is None or version_is_compatible(self.version_cap, wanted)
+
+    async def call(self, ctxt: Any, method: str, **kwargs: Any) -> Any:
+        if self.target.fanout:
+            raise InvalidTarget(f"a call cannot go to every server (fanout): cast it instead ({self.target})")
+        address = wire.rpc_address(self.target, self.transport.default_exchange)
+        body = await self.transport.call(
+            address,
+            self._request(ctxt, method, kwargs),
+            self._context(ctxt),
+            timeout=self.timeout,
+            retry=self.retry,
+        )
+        failure = body.get("failure")
+        if failure is not None:
+            raise wire.deserialize_exception(failure, self.allowed_remote_modules)
+        return self.serializer.deserialize_entity(ctxt, body.get("response"))
+
+    async def cast(self, ctxt: Any, method: str, **kwargs: Any) -> None:
+        address = wire.rpc_address(self.target, self.transport.default_exchange)
+        payload = wire.encode_request(address, self._request(ctxt, method, kwargs), self._context(ctxt))
+        await self.transport.cast(
+            address, payload, at_least_once=self.at_least_once, timeout=self.timeout, retry=self.retry
+        )
+
+    def _request(self, ctxt: Any, method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self.version_cap is not None and not self.can_send_version():
+            raise UnsupportedVersion(self.target.version or DEFAULT_VERSION, method)
+        request: dict[str, Any] = {
+            "method": method,
+            "args": {name: self.serializer.serialize_entity(ctxt, value) for name, value in kwargs.items()},
+        }
+        if self.target.namespace is not None:
+            request["namespace"] = self.target.namespace
+        if self.target.version is not None:
+            request["version"] = self.target.version
+        return request
+
+    def _context(self, ctxt: Any) -> dict[str, Any]:
+        return self.serializer.serialize_context(ctxt)
+
+
+class RPCClient:
+    """The blocking face of `AsyncRPCClient` (same arguments, same behaviour), safe from many threads."""
+
+    def __init__(self, transport: Transport, target: Target, **options: Any) -> None:
+        self.transport = transport
+        self.aio = AsyncRPCClient(transport.aio, target, **options)
+
+    @property
+    def target(self) -> Target:
+        return self.aio.target
+
+    def prepare(self, **overrides: Any) -> RPCClient:
+        prepared = RPCClient.__new__(RPCClient)
+        prepared.transport = self.transport
+        prepared.aio = self.aio.prepare(**overrides)
+        return prepared
+
+    def can_send_version(self, version: str | None = None) -> bool:
+        return self.aio.can_send_version(version)
+
+    def call(self, ctxt: Any, method: str, **kwargs: Any) -> Any:
+        return self.transport.run(self.aio.call(ctxt, method, **kwargs))
+
+    def cast(self, ctxt: Any, method: str, **kwargs: Any) -> None:
+        self.transport.run(self.aio.cast(ctxt, method, **kwargs))
+
+
+# -- dispatch -----------------------------------------------------------------------------------------------
+
+
+class Dispatcher:
+    """Finds the endpoint method a request names (see the module docstring for the rules)."""
+
+    def __init__(self, endpoints: Iterable[object]) -> None:
+        self.endpoints = [(getattr(endpoint, "target", None) or Target(), endpoint) for endpoint in endpoints]
+
+    def find(self, request: dict[str, Any]) -> Callable[..., Any]:
+        method = request.get("method")
+        if not isinstance(method, str) or not method:
+            raise NoSuchMethod(str(method))
+        namespace = request.get("namespace")
+        version = request.get("version") or DEFAULT_VERSION
+        served = False
+        for target, endpoint in self.endpoints:
+            if target.namespace != namespace:
+                continue
+            if not version_is_compatible(target.version or DEFAULT_VERSION, version):
+                continue
+            served = True
+            found = getattr(endpoint, method, None)
+            if not method.startswith("_") and callable(found):
+                return found  # type: ignore[no-any-return]
+        if served:
+            raise NoSuchMethod(method)
+        raise UnsupportedVersion(version, method)
+
+
+class AsyncRPCServer:
+    """Serves requests to `target` (topic and server name required) with `endpoints`, on an
+    `AsyncTransport`. It listens on three addresses: its own (calls to this server), the topic's anycast
+    (shared with the other servers of the topic) and the topic's fanout.
+
+    A request is acknowledged (accepted) as soon as it arrives; at most `max_in_progress` run at once (the
+    router holds the rest). `stop()` stops taking requests; `wait()` waits for those in progress."""
+
+    def __init__(
+        self,
+        transport: AsyncTransport,
+        target: Target,
+        endpoints: Iterable[object],
+        *,
+        serializer: Serializer | None = None,
+        executor: concurrent.futures.Executor | None = None,
+        max_in_progress: int = 64,
+    ) -> None:
+        self.transport = transport
+        self.target = target
+        self.dispatcher = Dispatcher(endpoints)
+        self.serializer = serializer or Serializer()
+        self.executor = executor
+        self.max_in_progress = max_in_progress
+        self._receivers: list[Receiver] = []
+        self._in_progress: set[asyncio.Task[None]] = set()
+        self.addresses = wire.server_addresses(target, transport.default_exchange)
+
+    async def start(self) -> None:
+        """Attach to the server's addresses; returns once the router has confirmed all three."""
+        if self._receivers:
+            return
+        connection = self.transport.connection
+        self._receivers = [
+            connection.receive(address, self._on_request, credit=self.max_in_progress)
+            for address in self.addresses
+        ]
+        await asyncio.gather(*(receiver.ready() for receiver in self._receivers))
+
+    async def stop(self) -> None:
+        """Take no more requests (those in progress carry on; see `wait`)."""
+        receivers, self._receivers = self._receivers, []
+        for receiver in receivers:
+            receiver.close()
+
+    async def wait(self) -> None:
+        """Wait until every request taken so far has been answered."""
+        while self._in_progress:
+            await asyncio.gather(*self._in_progress, return_exceptions=True)
+
+    def _on_request(self, message: IncomingMessage) -> None:
+        try:
+            incoming = wire.decode_request(message.payload)
+        except ValueError as error:
+            log.warning("%s: a request that is not JSON was rejected: %s", self.target, error)
+            message.reject("amqp:decode-error", f"not a meshbus/oslo request: {error}")
+            return
+        message.accept(hold_credit=True)
+        task = asyncio.get_running_loop().create_task(self._handle(incoming, message))
+        self._in_progress.add(task)
+        task.add_done_callback(self._in_progress.discard)
+
+    async def _handle(self, incoming: wire.Incoming, message: IncomingMessage) -> None:
+        try:
+            failure = None
+            try:
+                result = await self._dispatch(incoming)
+            except ExpectedException as expected:
+                failure = wire.serialize_exception(expected.exc_info[1])
+            except Exception as error:
+                if not isinstance(error, NoSuchMethod | UnsupportedVersion):
+                    log.exception("%s: %s failed", self.target, incoming.body.get("method"))
+                failure = wire.serialize_exception(error)
+            if incoming.reply_to and incoming.message_id:
+                if failure is None:
+                    payload = wire.encode_reply(incoming.reply_to, incoming.message_id, result=result)
+                else:
+                    payload = wire.encode_reply(incoming.reply_to, incoming.message_id, failure=failure)
+                self.transport.reply(payload)
+        finally:
+            message.finished()
+
+    async def _dispatch(self, incoming: wire.Incoming) -> Any:
+        method = self.dispatcher.find(incoming.body)
+        ctxt = self.serializer.deserialize_context(incoming.context)
+        args = {
+            name: self.serializer.deserialize_entity(ctxt, value)
+            for name, value in (incoming.body.get("args") or {}).items()
+        }
+        if inspect.iscoroutinefunction(method):
+            result = await method(ctxt, **args)
+        else:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self.executor, functools.partial(method, ctxt, **args))
+        return self.serializer.serialize_entity(ctxt, result)
+
+
+class RPCServer:
+    """The blocking face of `AsyncRPCServer`: endpoint methods run in a thread pool of `max_workers`
+    threads (coroutine functions on the transport's loop). `start()`, `stop()`, `wait()` block."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        target: Target,
+        endpoints: Iterable[object],
+        *,
+        serializer: Serializer | None = None,
+        max_workers: int = 16,
+        max_in_progress: int = 64,
+    ) -> None:
+        self.transport = transport
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="meshbus-rpc")
+        self.aio = AsyncRPCServer(
+            transport.aio,
+            target,
+            endpoints,
+            serializer=serializer,
+            executor=self._executor,
+            max_in_progress=max_in_progress,
+        )
+
+    def start(self) -> None:
+        self.transport.run(self.aio.start())
+
+    def stop(self) -> None:
+        self.transport.run(self.aio.stop())
+
+    def wait(self) -> None:
+        self.transport.run(self.aio.wait())
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,305 @@
+"""Transports: one connection to the router mesh per transport, shared by every client, server, notifier and
+listener made on it, with the one reply link all of its calls share.
+
+`AsyncTransport` lives on the caller's asyncio loop. `Transport` is its blocking face: it runs an
+`AsyncTransport` on a loop in a thread of its own, so any number of threads may use it at once.
+
+Rules of this module:
+1. It turns a URL into a connection and delivers: it sends a request until it is taken (resending what the
+   router gave back, within the retry budget), and matches replies to calls by correlation id.
+2. What a request or reply looks like is wire.py's; what a call or a server does is rpc.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+from urllib.parse import parse_qsl, unquote
+
+from meshbus.amqp.client import (
+    ACCEPTED,
+    MODIFIED,
+    REJECTED,
+    ClientConnection,
+    Host,
+    IncomingMessage,
+    Options,
+    Outcome,
+    OutcomeUnknown,
+    Receiver,
+    describe_outcome,
+)
+from meshbus.messaging import wire
+from meshbus.messaging.exceptions import (
+    MessageDeliveryFailure,
+    MessageUndeliverable,
+    MessagingError,
+    MessagingTimeout,
+)
+
+log = logging.getLogger("meshbus.messaging")
+
+T = TypeVar("T")
+
+SCHEMES: Final = ("meshbus", "amqp")
+DEFAULT_PORT: Final = 5672
+DEFAULT_URL: Final = "meshbus://127.0.0.1:5672/"
+# A RELEASED request was not taken by anyone; resending it at once finds a server that started meanwhile or
+# another server of the topic (one may release while stopping). After this many, nobody serves the address.
+RELEASED_RESENDS: Final = 2
+
+
+@dataclass(slots=True)
+class TransportURL:
+    """`meshbus://[user:pass@]host[:port][,[user:pass@]host[:port]]...[/][?option=value&...]`.
+
+    Hosts are tried in turn (fail-over). Options: `idle_timeout` (s), `reconnect_delay` (s),
+    `max_reconnect_delay` (s), `sender_idle_timeout` (s), `container_id`.
+    """
+
+    hosts: list[Host]
+    options: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, url: str) -> TransportURL:
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in SCHEMES:
+            raise ValueError(f"transport URL {url!r}: expected meshbus://host:port/ (or amqp://)")
+        netloc, _, tail = rest.partition("/")
+        netloc, _, query = netloc.partition("?")
+        query = query or tail.partition("?")[2]
+        hosts: list[Host] = []
+        user = password = None
+        for part in filter(None, netloc.split(",")):
+            credentials, at, address = part.rpartition("@")
+            if at:  # a host without credentials uses the previous host's
+                name, _, secret = credentials.partition(":")
+                user, password = unquote(name), unquote(secret)
+            host, port = _split_host(address, url)
+            hosts.append(Host(host, port, user, password))
+        if not hosts:
+            hosts.append(Host("127.0.0.1", DEFAULT_PORT))
+        return cls(hosts, dict(parse_qsl(query)))
+
+    def connection_options(self) -> Options:
+        options = Options()
+        for name, value in self.options.items():
+            if name == "container_id":
+                options.container_id = value
+            elif name in ("idle_timeout", "reconnect_delay", "max_reconnect_delay", "sender_idle_timeout"):
+                try:
+                    setattr(options, name, float(value))
+                except ValueError:
+                    raise ValueError(f"transport URL option {name}={value!r}: expected seconds") from None
+            else:
+                raise ValueError(f"transport URL option {name!r} is unknown")
+        return options
+
+
+def _split_host(address: str, url: str) -> tuple[str, int]:
+    if address.startswith("["):  # [IPv6]:port
+        host, _, port = address[1:].partition("]")
+        port = port.lstrip(":")
+    else:
+        host, _, port = address.partition(":")
+    try:
+        return host or "127.0.0.1", int(port) if port else DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"transport URL {url!r}: port {port!r} is not a number") from None
+
+
+@dataclass(slots=True)
+class _PendingCall:
+    reply: asyncio.Future[dict[str, Any]]
+    taken: bool = False  # the server accepted the request
+
+
+class AsyncTransport:
+    """A connection to the routers at `url`, on the running asyncio loop (see the module docstring)."""
+
+    def __init__(
+        self, url: str = "meshbus://127.0.0.1:5672/", *, default_exchange: str | None = None
+    ) -> None:
+        parsed = TransportURL.parse(url)
+        self.url = url
+        self.default_exchange = default_exchange or wire.DEFAULT_EXCHANGE
+        self.connection = ClientConnection(parsed.hosts, parsed.connection_options())
+        self.connection.on_lost.append(self._connection_lost)
+        self._calls: dict[str, _PendingCall] = {}
+        self._replies: Receiver | None = None
+
+    async def close(self) -> None:
+        if self._replies is not None:
+            self._replies.close()
+        await self.connection.close()
+
+    # -- delivery ---------------------------------------------------------------------------------------
+
+    async def _deliver(
+        self, address: str, payload: Callable[[], Awaitable[bytes]], retry: int | None
+    ) -> None:
+        """Send until accepted. `payload()` makes the bytes for each attempt (a call's reply address may
+        change with a reconnect). RELEASED: resent at once, RELEASED_RESENDS times at most; MODIFIED (a
+        consumer had it and failed) or an unknown outcome (the connection dropped): resent, `retry` times
+        at most (None: until the caller's time-out). REJECTED: never resent."""
+        released = failed = 0
+        while True:
+            try:
+                outcome = await self.connection.send(address, await payload())
+            except OutcomeUnknown as error:
+                failed += 1
+                if retry is not None and failed > retry:
+                    raise MessagingError(f"{address}: {error}; gave up after {retry} resends") from error
+                continue
+            if outcome.state == ACCEPTED:
+                return
+            if outcome.state == REJECTED:
+                raise MessageDeliveryFailure(f"{address}: the message was {describe_outcome(outcome)}")
+            if outcome.state == MODIFIED and not outcome.undeliverable_here:
+                failed += 1
+                if retry is not None and failed > retry:
+                    raise MessageDeliveryFailure(
+                        f"{address}: delivery failed {failed} times ({retry} resends)"
+                    )
+                continue
+            released += 1
+            if released > RELEASED_RESENDS:
+                raise MessageUndeliverable(address, _detail(outcome))
+
+    async def call(
+        self,
+        address: str,
+        request: dict[str, Any],
+        context: dict[str, Any],
+        *,
+        timeout: float,
+        retry: int | None,
+    ) -> dict[str, Any]:
+        """Send a request that expects a reply; the reply's JSON body. Raises `MessagingTimeout` after
+        `timeout` seconds, `MessageUndeliverable` at once when nobody serves `address`, and `OutcomeUnknown`
+        when the connection drops after the server took the request."""
+        message_id = uuid.uuid4().hex
+        pending = self._calls[message_id] = _PendingCall(asyncio.get_running_loop().create_future())
+
+        async def encode() -> bytes:
+            reply_to = await self._reply_address()
+            return wire.encode_request(
+                address, request, context, message_id=message_id, reply_to=reply_to, ttl=timeout
+            )
+
+        try:
+            async with asyncio.timeout(timeout):
+                await self._deliver(address, encode, retry)
+                pending.taken = True
+                return await pending.reply
+        except TimeoutError:
+            stage = "a reply" if pending.taken else "a server to take the request"
+            raise MessagingTimeout(f"{address}: no {stage} within {timeout} s") from None
+        finally:
+            del self._calls[message_id]
+
+    async def cast(
+        self, address: str, payload: bytes, *, at_least_once: bool, timeout: float, retry: int | None
+    ) -> None:
+        """Send a request that expects no reply: until taken (at least once), or written once, pre-settled."""
+        if not at_least_once:
+            await self.connection.send(address, payload, settled=True)
+            return
+
+        async def encode() -> bytes:
+            return payload
+
+        try:
+            async with asyncio.timeout(timeout):
+                await self._deliver(address, encode, retry)
+        except TimeoutError:
+            raise MessagingTimeout(f"{address}: not taken within {timeout} s") from None
+
+    def reply(self, payload: bytes) -> None:
+        """Send a reply (pre-settled, by its `to`): a caller that is gone loses nothing it waits for."""
+        self.connection.send(None, payload, settled=True)
+
+    # -- replies ------------------------------------------------------------------------------------------
+
+    async def _reply_address(self) -> str:
+        if self._replies is None:
+            self._replies = self.connection.receive(None, self._on_reply, credit=1000)
+        return await self._replies.ready()
+
+    def _on_reply(self, message: IncomingMessage) -> None:
+        message.accept()
+        try:
+            correlation_id, body = wire.decode_reply(message.payload)
+        except ValueError as error:
+            log.warning("a reply that is not JSON was dropped: %s", error)
+            return
+        pending = self._calls.get(correlation_id or "")
+        if pending is not None and not pending.reply.done():
+            pending.reply.set_result(body)
+
+    def _connection_lost(self, reason: str) -> None:
+        # The reply link dies with the connection: a call the server took will never see its reply.
+        error = OutcomeUnknown(
+            f"the connection dropped ({reason}) after a server took the call: it may or may not have run"
+        )
+        for pending in self._calls.values():
+            if pending.taken and not pending.reply.done():
+                pending.reply.set_exception(error)
+
+
+def _detail(outcome: Outcome) -> str:
+    return "" if outcome.state != MODIFIED else " (its consumer could not take it here)"
+
+
+class Transport:
+    """The blocking face of `AsyncTransport`: safe to use from any number of threads at once. Its I/O runs
+    on an asyncio loop in a daemon thread it owns (uvloop where installed)."""
+
+    def __init__(
+        self, url: str = "meshbus://127.0.0.1:5672/", *, default_exchange: str | None = None
+    ) -> None:
+        self.loop = _new_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="meshbus-io", daemon=True)
+        self._thread.start()
+
+        async def make() -> AsyncTransport:
+            return AsyncTransport(url, default_exchange=default_exchange)
+
+        self.aio = self.run(make())
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on the transport's loop and wait for its result (from any thread but that one)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def close(self) -> None:
+        """Close the connection and stop the I/O thread."""
+        if not self._thread.is_alive():
+            return
+        self.run(self.aio.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop

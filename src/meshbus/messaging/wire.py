@@ -1,0 +1,199 @@
+"""What goes on the wire: addresses and message bodies, as the oslo.messaging AMQP 1.0 driver lays them out,
+so a service on that driver and a meshbus service call each other through the router.
+
+Rules of this module:
+1. Pure functions: a target to an address, a request or reply to an encoded message and back. No I/O.
+2. Messages are encoded and decoded by proton (proton.Message), never by hand. A body is one AMQP string
+   holding JSON: {"request": ..., "context": ...} for requests and notifications, {"response": ...} or
+   {"failure": "<JSON of the exception>"} for replies.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import traceback
+from dataclasses import dataclass
+from typing import Any, Final
+
+from proton import Message
+
+from meshbus.messaging.exceptions import InvalidTarget, RemoteError
+from meshbus.messaging.serializer import to_primitive
+from meshbus.messaging.target import Target
+
+DEFAULT_EXCHANGE: Final = "openstack"
+RPC_PREFIX: Final = "openstack.org/om/rpc"
+NOTIFY_PREFIX: Final = "openstack.org/om/notify"
+_REMOTE_SUFFIX: Final = "_Remote"
+_BUILTIN_MODULES: Final = frozenset({"builtins", "exceptions"})
+# Notifications carry their payload inside this envelope, for oslo.messaging's version 2.0 messages.
+_ENVELOPE_VERSION: Final = "2.0"
+
+
+# -- addresses ---------------------------------------------------------------------------------------------
+
+
+def rpc_address(target: Target, default_exchange: str = DEFAULT_EXCHANGE) -> str:
+    """Where a request to `target` goes: every server of the topic (fanout), one named server, or any."""
+    if not target.topic:
+        raise InvalidTarget(f"a target needs a topic to send to: {target}")
+    exchange = target.exchange or default_exchange
+    if target.fanout:
+        return f"{RPC_PREFIX}/multicast/{exchange}/{target.topic}"
+    if target.server:
+        return f"{RPC_PREFIX}/unicast/{exchange}/{target.topic}/{target.server}"
+    return f"{RPC_PREFIX}/anycast/{exchange}/{target.topic}"
+
+
+def server_addresses(target: Target, default_exchange: str = DEFAULT_EXCHANGE) -> list[str]:
+    """The three addresses an RPC server listens on: its own, its topic's anycast, its topic's fanout."""
+    if not target.topic or not target.server:
+        raise InvalidTarget(f"an RPC server's target needs a topic and a server name: {target}")
+    topic = Target(exchange=target.exchange, topic=target.topic)
+    return [
+        rpc_address(topic.replace(server=target.server), default_exchange),
+        rpc_address(topic, default_exchange),
+        rpc_address(topic.replace(fanout=True), default_exchange),
+    ]
+
+
+def notify_address(target: Target, priority: str, default_exchange: str = DEFAULT_EXCHANGE) -> str:
+    """Where notifications of one priority on the target's topic go (listeners of the topic share them)."""
+    if not target.topic:
+        raise InvalidTarget(f"a notification target needs a topic: {target}")
+    exchange = target.exchange or default_exchange
+    return f"{NOTIFY_PREFIX}/anycast/{exchange}/{target.topic}.{priority.lower()}"
+
+
+# -- messages ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A decoded request or notification."""
+
+    body: dict[str, Any]
+    context: dict[str, Any]
+    message_id: str | None
+    reply_to: str | None
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=to_primitive)
+
+
+def encode_request(
+    to: str,
+    request: dict[str, Any],
+    context: dict[str, Any],
+    *,
+    message_id: str | None = None,
+    reply_to: str | None = None,
+    ttl: float | None = None,
+    envelope: bool = False,
+) -> bytes:
+    """A request (call, cast) or a notification (`envelope=True`) to address `to`."""
+    message = Message(inferred=True)
+    message.address = to
+    if message_id is not None:
+        message.id = message_id
+    if reply_to is not None:
+        message.reply_to = reply_to
+    if ttl is not None:
+        message.ttl = ttl
+    if envelope:
+        request = {"oslo.version": _ENVELOPE_VERSION, "oslo.message": _dumps(request)}
+    message.body = _dumps({"request": request, "context": context})
+    return bytes(message.encode())
+
+
+def decode_request(payload: bytes) -> Incoming:
+    message = Message()
+    message.decode(payload)
+    data = _json_body(message)
+    request = data.get("request") or {}
+    if "oslo.message" in request:
+        request = json.loads(request["oslo.message"])
+    return Incoming(request, data.get("context") or {}, _text(message.id), _text(message.reply_to))
+
+
+def encode_reply(to: str, correlation_id: str, *, result: Any = None, failure: str | None = None) -> bytes:
+    """The reply to a call: its result, or a failure made by `serialize_exception`."""
+    message = Message(inferred=True)
+    message.address = to
+    message.correlation_id = correlation_id
+    body = {"failure": failure} if failure is not None else {"response": result}
+    message.body = _dumps(body)
+    return bytes(message.encode())
+
+
+def decode_reply(payload: bytes) -> tuple[str | None, dict[str, Any]]:
+    """A reply's correlation id and JSON body."""
+    message = Message()
+    message.decode(payload)
+    return _text(message.correlation_id), _json_body(message)
+
+
+def _json_body(message: Message) -> dict[str, Any]:
+    body = message.body
+    if not isinstance(body, str | bytes):
+        raise ValueError(f"the message body is not JSON text but {type(body).__name__}")
+    data = json.loads(body)
+    if not isinstance(data, dict):
+        raise ValueError("the message body is JSON but not an object")
+    return data
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+# -- exceptions --------------------------------------------------------------------------------------------
+
+
+def serialize_exception(error: BaseException) -> str:
+    """An exception as the JSON text replies carry: class, module, message, traceback, args and kwargs."""
+    cls = type(error)
+    name, module = cls.__name__, cls.__module__
+    if name.endswith(_REMOTE_SUFFIX) and module.endswith(_REMOTE_SUFFIX):  # passing on a remote error
+        name, module = name[: -len(_REMOTE_SUFFIX)], module[: -len(_REMOTE_SUFFIX)]
+    return _dumps(
+        {
+            "class": name,
+            "module": module,
+            "message": str(error),
+            "tb": traceback.format_exception(error),
+            "args": list(error.args),
+            "kwargs": getattr(error, "kwargs", {}) or {},
+        }
+    )
+
+
+def deserialize_exception(data: str, allowed_modules: frozenset[str] | set[str]) -> Exception:
+    """The exception a failure describes, rebuilt if its module is builtins or allowed; else `RemoteError`.
+
+    A rebuilt exception is an instance of a subclass named `<Class>_Remote`, so `except ValueError` works at
+    the caller and its text carries the remote traceback."""
+    failure = json.loads(data)
+    name, module = str(failure.get("class")), str(failure.get("module"))
+    message, trace = str(failure.get("message", "")), failure.get("tb") or []
+    if module in _BUILTIN_MODULES:
+        module = "builtins"
+    if module != "builtins" and module not in allowed_modules:
+        return RemoteError(name, message, "".join(trace))
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            raise TypeError(f"{module}.{name} is not an exception")
+        error = cls(*failure.get("args", []), **failure.get("kwargs", {}))
+    except (AttributeError, TypeError, ImportError, ValueError):
+        return RemoteError(name, message, "".join(trace))
+    text = message + ("\n" + "".join(trace) if trace else "")
+    remote = type(name + _REMOTE_SUFFIX, (cls,), {"__str__": lambda self: text})
+    remote.__module__ = module + _REMOTE_SUFFIX
+    try:
+        error.__class__ = remote
+    except TypeError:  # builtins' layouts differ from a Python subclass's: keep the type, carry the text
+        error.args = (text, *error.args[1:])
+    return error

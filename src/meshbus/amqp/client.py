@@ -124,6 +124,7 @@ class IncomingMessage:
             self._credit_held = False
             if self._generation == self._receiver._conn._generation:
                 self._receiver._settled()
+                self._receiver._conn._flush_soon()
 
     def release(self) -> None:
         self._settle(lib.PN_RELEASED)
@@ -155,6 +156,7 @@ class IncomingMessage:
         lib.pn_delivery_settle(delivery)
         if not self._credit_held:
             self._receiver._settled()
+        self._receiver._conn._flush_soon()
 
 
 Handler = Callable[[IncomingMessage], None]
@@ -220,7 +222,6 @@ class Receiver:
         if self._owed * 4 >= self.credit and self.link != ffi.NULL:
             lib.pn_link_flow(self.link, self._owed)
             self._owed = 0
-            self._conn._flush_soon()
 
 
 @dataclass(slots=True)

@@ -21,6 +21,14 @@ from meshbus.messaging.exceptions import (
     RemoteError,
     UnsupportedVersion,
 )
+from meshbus.messaging.notify import (
+    AsyncNotificationListener,
+    AsyncNotifier,
+    NotificationFilter,
+    NotificationListener,
+    NotificationResult,
+    Notifier,
+)
 from meshbus.messaging.rpc import (
     AsyncRPCClient,
     AsyncRPCServer,
@@ -33,6 +41,8 @@ from meshbus.messaging.target import Target
 from meshbus.messaging.transport import AsyncTransport, Transport, TransportURL
 
 __all__ = [
+    "AsyncNotificationListener",
+    "AsyncNotifier",
     "AsyncRPCClient",
     "AsyncRPCServer",
     "AsyncTransport",
@@ -47,6 +57,10 @@ __all__ = [
     "MessagingTimeout",
     "NoOpSerializer",
     "NoSuchMethod",
+    "NotificationFilter",
+    "NotificationListener",
+    "NotificationResult",
+    "Notifier",
     "OutcomeUnknown",
     "RPCClient",
     "RPCServer",

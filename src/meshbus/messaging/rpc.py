@@ -31,7 +31,7 @@ from meshbus.messaging.exceptions import (
 )
 from meshbus.messaging.serializer import Serializer
 from meshbus.messaging.target import Target
-from meshbus.messaging.transport import AsyncTransport, Transport
+from meshbus.messaging.transport import AsyncTransport, BlockingService, Transport
 
 log = logging.getLogger("meshbus.messaging.rpc")
 
@@ -332,9 +332,9 @@ class AsyncRPCServer:
         return self.serializer.serialize_entity(ctxt, result)
 
 
-class RPCServer:
-    """The blocking face of `AsyncRPCServer`: endpoint methods run in a thread pool of `max_workers`
-    threads (coroutine functions on the transport's loop). `start()`, `stop()`, `wait()` block."""
+class RPCServer(BlockingService):
+    """The blocking face of `AsyncRPCServer` (same arguments): endpoint methods run in a thread pool of
+    `max_workers` threads (coroutine functions on the transport's loop)."""
 
     def __init__(
         self,
@@ -342,27 +342,8 @@ class RPCServer:
         target: Target,
         endpoints: Iterable[object],
         *,
-        serializer: Serializer | None = None,
         max_workers: int = 16,
-        max_in_progress: int = 64,
+        **options: Any,
     ) -> None:
-        self.transport = transport
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="meshbus-rpc")
-        self.aio = AsyncRPCServer(
-            transport.aio,
-            target,
-            endpoints,
-            serializer=serializer,
-            executor=self._executor,
-            max_in_progress=max_in_progress,
-        )
-
-    def start(self) -> None:
-        self.transport.run(self.aio.start())
-
-    def stop(self) -> None:
-        self.transport.run(self.aio.stop())
-
-    def wait(self) -> None:
-        self.transport.run(self.aio.wait())
-        self._executor.shutdown(wait=True)
+        super().__init__(transport, max_workers, "meshbus-rpc")
+        self.aio = AsyncRPCServer(transport.aio, target, endpoints, executor=self.executor, **options)

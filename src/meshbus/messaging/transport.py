@@ -19,7 +19,7 @@ import threading
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 from meshbus.amqp.client import (
@@ -294,6 +294,33 @@ class Transport:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class AsyncService(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def wait(self) -> None: ...
+
+
+class BlockingService:
+    """The blocking face of an asyncio server or listener (`aio`): `start()`, `stop()` and `wait()` block;
+    its endpoints' plain (not coroutine) methods run in a pool of `max_workers` threads."""
+
+    aio: AsyncService
+
+    def __init__(self, transport: Transport, max_workers: int, thread_name: str) -> None:
+        self.transport = transport
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix=thread_name)
+
+    def start(self) -> None:
+        self.transport.run(self.aio.start())
+
+    def stop(self) -> None:
+        self.transport.run(self.aio.stop())
+
+    def wait(self) -> None:
+        self.transport.run(self.aio.wait())
+        self.executor.shutdown(wait=True)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

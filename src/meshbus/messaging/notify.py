@@ -1,0 +1,389 @@
+"""Notifications: a Notifier publishes events by priority; listeners dispatch them to endpoint methods named
+after the priority.
+
+Addresses: `openstack.org/om/notify/anycast/<exchange>/<topic>.<priority>`: listeners of one topic share its
+notifications; listeners of a `pool` share among the pool, and each pool (and the listeners in no pool)
+gets every notification (the router's consumer pools).
+
+Acknowledgement: a notification is accepted once its endpoints have returned; an endpoint returning
+`REQUEUE` (on a listener that allows requeue) releases it, so it is delivered again (by the store, or by
+the notifier's resend). An endpoint that raises is logged and counts as handled, as in oslo.messaging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import functools
+import inspect
+import logging
+import re
+import uuid
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any, Final, Generic, TypeVar
+
+from meshbus.amqp.client import IncomingMessage, Receiver
+from meshbus.messaging import wire
+from meshbus.messaging.serializer import Serializer
+from meshbus.messaging.target import Target
+from meshbus.messaging.transport import AsyncTransport, BlockingService, Transport
+
+log = logging.getLogger("meshbus.messaging.notify")
+
+PRIORITIES: Final = ("audit", "debug", "info", "warn", "error", "critical", "sample")
+DEFAULT_TOPICS: Final = ("notifications",)
+DEFAULT_TIMEOUT: Final = 60.0  # seconds a notification may wait to be taken
+
+R = TypeVar("R")
+
+
+class NotificationResult:
+    HANDLED: Final = "handled"
+    REQUEUE: Final = "requeue"
+
+
+# -- notifiers ----------------------------------------------------------------------------------------------
+
+
+class _PriorityMethods(Generic[R]):
+    """One method per priority, each `notify` with that priority."""
+
+    def notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> R:
+        raise NotImplementedError
+
+    def audit(self, ctxt: Any, event_type: str, payload: Any) -> R:
+        return self.notify(ctxt, event_type, payload, "AUDIT")
+
+    def debug(self, ctxt: Any, event_type: str, payload: Any) -> R:
+        return self.notify(ctxt, event_type, payload, "DEBUG")
+
+    def info(self, ctxt: Any, event_type: str, payload: Any) -> R:
+        return self.notify(ctxt, event_type, payload, "INFO")
+
+    def warn(self, ctxt: Any, event_type: str, payload: Any) -> R:
+        return self.notify(ctxt, event_type, payload, "WARN")
+
+    warning = warn
+
+    def error(self, ctxt: Any, event_type: str, payload: Any) -> R:
+        return self.notify(ctxt, event_type, payload, "ERROR")
+
+    def critical(self, ctxt: Any, event_type: str, payload: Any) -> R:
+        return self.notify(ctxt, event_type, payload, "CRITICAL")
+
+    def sample(self, ctxt: Any, event_type: str, payload: Any) -> R:
+        return self.notify(ctxt, event_type, payload, "SAMPLE")
+
+
+class AsyncNotifier(_PriorityMethods[Coroutine[Any, Any, None]]):
+    """Publishes notifications to each of `topics` (on the transport's default exchange unless
+    `exchange` is given). Each `info(...)`, `error(...)`... returns once a listener (or the store) has
+    taken the notification, and raises `MessageUndeliverable` at once if nobody would."""
+
+    def __init__(
+        self,
+        transport: AsyncTransport,
+        publisher_id: str | None = None,
+        *,
+        topics: Iterable[str] = DEFAULT_TOPICS,
+        exchange: str | None = None,
+        serializer: Serializer | None = None,
+        retry: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        at_least_once: bool = True,
+    ) -> None:
+        self.transport = transport
+        self.publisher_id = publisher_id
+        self.targets = [Target(exchange=exchange, topic=topic) for topic in topics]
+        self.serializer = serializer or Serializer()
+        self.retry = retry
+        self.timeout = timeout
+        self.at_least_once = at_least_once
+
+    def prepare(self, publisher_id: str | None = None, retry: int | None = None) -> AsyncNotifier:
+        prepared = AsyncNotifier.__new__(AsyncNotifier)
+        prepared.__dict__.update(self.__dict__)
+        if publisher_id is not None:
+            prepared.publisher_id = publisher_id
+        if retry is not None:
+            prepared.retry = retry
+        return prepared
+
+    async def notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> None:
+        notification = {
+            "message_id": str(uuid.uuid4()),
+            "publisher_id": self.publisher_id,
+            "event_type": event_type,
+            "priority": priority.upper(),
+            "payload": self.serializer.serialize_entity(ctxt, payload),
+            "timestamp": str(datetime.datetime.now(datetime.UTC).replace(tzinfo=None)),
+        }
+        context = self.serializer.serialize_context(ctxt)
+        for target in self.targets:
+            address = wire.notify_address(target, priority, self.transport.default_exchange)
+            encoded = wire.encode_request(address, notification, context, envelope=True)
+            await self.transport.cast(
+                address,
+                encoded,
+                at_least_once=self.at_least_once,
+                timeout=self.timeout,
+                retry=self.retry,
+            )
+
+
+class Notifier(_PriorityMethods[None]):
+    """The blocking face of `AsyncNotifier` (same arguments), safe from many threads."""
+
+    def __init__(self, transport: Transport, publisher_id: str | None = None, **options: Any) -> None:
+        self.transport = transport
+        self.aio = AsyncNotifier(transport.aio, publisher_id, **options)
+
+    def prepare(self, publisher_id: str | None = None, retry: int | None = None) -> Notifier:
+        prepared = Notifier.__new__(Notifier)
+        prepared.transport = self.transport
+        prepared.aio = self.aio.prepare(publisher_id, retry)
+        return prepared
+
+    def notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> None:
+        self.transport.run(self.aio.notify(ctxt, event_type, payload, priority))
+
+
+# -- listeners ----------------------------------------------------------------------------------------------
+
+
+class NotificationFilter:
+    """Lets through only notifications whose fields match: `publisher_id` and `event_type` are regular
+    expressions (matched from the start); `context` and `payload` map keys to regular expressions (for
+    text values) or to values compared for equality."""
+
+    def __init__(
+        self,
+        context: Mapping[str, Any] | None = None,
+        publisher_id: str | None = None,
+        event_type: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        payload: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.context = dict(context or {})
+        self.publisher_id = re.compile(publisher_id) if publisher_id else None
+        self.event_type = re.compile(event_type) if event_type else None
+        self.metadata = dict(metadata or {})
+        self.payload = dict(payload or {})
+
+    def match(
+        self,
+        ctxt: Mapping[str, Any],
+        publisher_id: str | None,
+        event_type: str | None,
+        metadata: Mapping[str, Any],
+        payload: Any,
+    ) -> bool:
+        if self.publisher_id and not self.publisher_id.match(publisher_id or ""):
+            return False
+        if self.event_type and not self.event_type.match(event_type or ""):
+            return False
+        fields = dict(payload) if isinstance(payload, Mapping) else {}
+        return all(
+            _matches(rules, values)
+            for rules, values in ((self.context, ctxt), (self.metadata, metadata), (self.payload, fields))
+        )
+
+
+def _matches(rules: Mapping[str, Any], values: Mapping[str, Any]) -> bool:
+    for key, expected in rules.items():
+        if key not in values:
+            return False
+        value = values[key]
+        if isinstance(expected, str) and isinstance(value, str):
+            if not re.match(expected, value):
+                return False
+        elif value != expected:
+            return False
+    return True
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.messages: list[tuple[dict[str, Any], IncomingMessage]] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class AsyncNotificationListener:
+    """Receives the notifications of `targets` (topics) for every priority some endpoint has a method for,
+    and calls `method(ctxt, publisher_id, event_type, payload, metadata)` on each endpoint whose
+    `filter_rule` (a `NotificationFilter`, optional) lets it through.
+
+    With `batch_size` > 1 (or a `batch_timeout`), methods get lists of notifications instead, each a dict
+    with ctxt, publisher_id, event_type, payload and metadata, once `batch_size` have arrived or
+    `batch_timeout` seconds after the first. `pool`: see the module docstring. At most `credit`
+    notifications are held or in work at once."""
+
+    def __init__(
+        self,
+        transport: AsyncTransport,
+        targets: Iterable[Target],
+        endpoints: Iterable[object],
+        *,
+        pool: str | None = None,
+        allow_requeue: bool = False,
+        serializer: Serializer | None = None,
+        executor: concurrent.futures.Executor | None = None,
+        batch_size: int = 1,
+        batch_timeout: float | None = None,
+        credit: int = 100,
+    ) -> None:
+        self.transport = transport
+        self.targets = list(targets)
+        self.endpoints = list(endpoints)
+        self.pool = pool
+        self.allow_requeue = allow_requeue
+        self.serializer = serializer or Serializer()
+        self.executor = executor
+        self.batch_size = max(batch_size, 1)
+        self.batch_timeout = batch_timeout
+        self.credit = max(credit, self.batch_size)
+        self.batching = self.batch_size > 1 or batch_timeout is not None
+        self.priorities = [
+            p for p in PRIORITIES if any(callable(getattr(e, p, None)) for e in self.endpoints)
+        ]
+        if not self.priorities:
+            raise ValueError(f"no endpoint has a method for any priority ({', '.join(PRIORITIES)})")
+        self._receivers: list[Receiver] = []
+        self._batches: dict[str, _Batch] = {}
+        self._in_progress: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Attach to every target's address of every served priority; returns once the router confirmed."""
+        if self._receivers:
+            return
+        connection = self.transport.connection
+        for target in self.targets:
+            for priority in self.priorities:
+                address = wire.notify_address(target, priority, self.transport.default_exchange)
+                handler = functools.partial(self._on_notification, priority)
+                self._receivers.append(
+                    connection.receive(address, handler, credit=self.credit, pool=self.pool)
+                )
+        await asyncio.gather(*(receiver.ready() for receiver in self._receivers))
+
+    async def stop(self) -> None:
+        """Take no more notifications; those held in a batch are dispatched now."""
+        receivers, self._receivers = self._receivers, []
+        for receiver in receivers:
+            receiver.close()
+        for priority in list(self._batches):
+            self._flush(priority)
+
+    async def wait(self) -> None:
+        while self._in_progress:
+            await asyncio.gather(*self._in_progress, return_exceptions=True)
+
+    def _on_notification(self, priority: str, message: IncomingMessage) -> None:
+        try:
+            incoming = wire.decode_request(message.payload)
+        except ValueError as error:
+            log.warning("a notification that is not JSON was rejected: %s", error)
+            message.reject("amqp:decode-error", f"not a meshbus/oslo notification: {error}")
+            return
+        body = incoming.body
+        ctxt = self.serializer.deserialize_context(incoming.context)
+        notification = {
+            "ctxt": ctxt,
+            "publisher_id": body.get("publisher_id"),
+            "event_type": body.get("event_type"),
+            "payload": self.serializer.deserialize_entity(ctxt, body.get("payload")),
+            "metadata": {"message_id": body.get("message_id"), "timestamp": body.get("timestamp")},
+        }
+        if not self.batching:
+            self._run(priority, [(notification, message)])
+            return
+        batch = self._batches.setdefault(priority, _Batch())
+        batch.messages.append((notification, message))
+        if len(batch.messages) >= self.batch_size:
+            self._flush(priority)
+        elif batch.timer is None and self.batch_timeout is not None:
+            loop = asyncio.get_running_loop()
+            batch.timer = loop.call_later(self.batch_timeout, self._flush, priority)
+
+    def _flush(self, priority: str) -> None:
+        batch = self._batches.pop(priority, None)
+        if batch is None:
+            return
+        if batch.timer is not None:
+            batch.timer.cancel()
+        self._run(priority, batch.messages)
+
+    def _run(self, priority: str, messages: list[tuple[dict[str, Any], IncomingMessage]]) -> None:
+        task = asyncio.get_running_loop().create_task(self._dispatch(priority, messages))
+        self._in_progress.add(task)
+        task.add_done_callback(self._in_progress.discard)
+
+    async def _dispatch(self, priority: str, messages: list[tuple[dict[str, Any], IncomingMessage]]) -> None:
+        requeue = False
+        for endpoint in self.endpoints:
+            method = getattr(endpoint, priority, None)
+            if not callable(method):
+                continue
+            rule = getattr(endpoint, "filter_rule", None)
+            chosen = [n for n, _ in messages if rule is None or rule.match(**_filter_fields(n))]
+            if not chosen:
+                continue
+            calls = [(chosen,)] if self.batching else [_arguments(n) for n in chosen]
+            for arguments in calls:
+                result = await self._call(method, arguments)
+                requeue |= result == NotificationResult.REQUEUE and self.allow_requeue
+        for _, message in messages:
+            if requeue:
+                message.release()
+            else:
+                message.accept()
+
+    async def _call(self, method: Callable[..., Any], arguments: tuple[Any, ...]) -> Any:
+        try:
+            if inspect.iscoroutinefunction(method):
+                return await method(*arguments)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, functools.partial(method, *arguments))
+        except Exception:
+            log.exception("notification endpoint %s failed; the notification counts as handled", method)
+            return NotificationResult.HANDLED
+
+
+def _arguments(notification: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        notification["ctxt"],
+        notification["publisher_id"],
+        notification["event_type"],
+        notification["payload"],
+        notification["metadata"],
+    )
+
+
+def _filter_fields(notification: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ctxt": notification["ctxt"] or {},
+        "publisher_id": notification["publisher_id"],
+        "event_type": notification["event_type"],
+        "metadata": notification["metadata"],
+        "payload": notification["payload"],
+    }
+
+
+class NotificationListener(BlockingService):
+    """The blocking face of `AsyncNotificationListener` (same arguments): endpoint methods run in a thread
+    pool of `max_workers` threads."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        targets: Iterable[Target],
+        endpoints: Iterable[object],
+        *,
+        max_workers: int = 8,
+        **options: Any,
+    ) -> None:
+        super().__init__(transport, max_workers, "meshbus-notify")
+        self.aio = AsyncNotificationListener(
+            transport.aio, targets, endpoints, executor=self.executor, **options
+        )

@@ -228,9 +228,10 @@ class AsyncTransport:
     # -- replies ------------------------------------------------------------------------------------------
 
     async def _reply_address(self) -> str:
-        if self._replies is None:
-            self._replies = self.connection.receive(None, self._on_reply, credit=1000)
-        return await self._replies.ready()
+        replies = self._replies
+        if replies is None:
+            replies = self._replies = self.connection.receive(None, self._on_reply, credit=1000)
+        return replies.address or await replies.ready()
 
     def _on_reply(self, message: IncomingMessage) -> None:
         message.accept()

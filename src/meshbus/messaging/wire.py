@@ -3,7 +3,7 @@ so a service on that driver and a meshbus service call each other through the ro
 
 Rules of this module:
 1. Pure functions: a target to an address, a request or reply to an encoded message and back. No I/O.
-2. Messages are encoded and decoded by proton (proton.Message), never by hand. A body is one AMQP string
+2. Messages are encoded and decoded by proton (its pn_message codec), never by hand. A body is one AMQP string
    holding JSON: {"request": ..., "context": ...} for requests and notifications, {"response": ...} or
    {"failure": "<JSON of the exception>"} for replies.
 """
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import Any, Final
 
-from proton import Message
+from cproton import msgid2py
+from cproton_ffi import ffi, lib
 
 from meshbus.messaging.exceptions import InvalidTarget, RemoteError
 from meshbus.messaging.serializer import to_primitive
@@ -94,59 +96,109 @@ def encode_request(
     envelope: bool = False,
 ) -> bytes:
     """A request (call, cast) or a notification (`envelope=True`) to address `to`."""
-    message = Message(inferred=True)
-    message.address = to
-    if message_id is not None:
-        message.id = message_id
-    if reply_to is not None:
-        message.reply_to = reply_to
-    if ttl is not None:
-        message.ttl = ttl
     if envelope:
         request = {"oslo.version": _ENVELOPE_VERSION, "oslo.message": _dumps(request)}
-    message.body = _dumps({"request": request, "context": context})
-    return bytes(message.encode())
+    body = _dumps({"request": request, "context": context})
+    return _CODEC.encode(to, body, message_id=message_id, reply_to=reply_to, ttl=ttl)
 
 
 def decode_request(payload: bytes) -> Incoming:
-    message = Message()
-    message.decode(payload)
-    data = _json_body(message)
+    data, message_id, reply_to, _ = _CODEC.decode(payload)
     request = data.get("request") or {}
     if "oslo.message" in request:
         request = json.loads(request["oslo.message"])
-    return Incoming(request, data.get("context") or {}, _text(message.id), _text(message.reply_to))
+    return Incoming(request, data.get("context") or {}, message_id, reply_to)
 
 
 def encode_reply(to: str, correlation_id: str, *, result: Any = None, failure: str | None = None) -> bytes:
     """The reply to a call: its result, or a failure made by `serialize_exception`."""
-    message = Message(inferred=True)
-    message.address = to
-    message.correlation_id = correlation_id
-    body = {"failure": failure} if failure is not None else {"response": result}
-    message.body = _dumps(body)
-    return bytes(message.encode())
+    body = _dumps({"failure": failure} if failure is not None else {"response": result})
+    return _CODEC.encode(to, body, correlation_id=correlation_id)
 
 
 def decode_reply(payload: bytes) -> tuple[str | None, dict[str, Any]]:
     """A reply's correlation id and JSON body."""
-    message = Message()
-    message.decode(payload)
-    return _text(message.correlation_id), _json_body(message)
+    data, _, _, correlation_id = _CODEC.decode(payload)
+    return correlation_id, data
 
 
-def _json_body(message: Message) -> dict[str, Any]:
-    body = message.body
-    if not isinstance(body, str | bytes):
-        raise ValueError(f"the message body is not JSON text but {type(body).__name__}")
-    data = json.loads(body)
-    if not isinstance(data, dict):
-        raise ValueError("the message body is JSON but not an object")
-    return data
+class _Codec(threading.local):
+    """proton's message codec (pn_message) driven directly: a third of the cost of proton.Message's wrapper
+    objects, which matters twice per call on each side. One pn_message per thread."""
+
+    def __init__(self) -> None:
+        self.message = ffi.gc(lib.pn_message(), lib.pn_message_free)
+        self.buffer = ffi.new("char[]", 1 << 16)
+        self.size = 1 << 16
+
+    def encode(
+        self,
+        to: str,
+        body: str,
+        *,
+        message_id: str | None = None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        ttl: float | None = None,
+    ) -> bytes:
+        message = self.message
+        lib.pn_message_clear(message)
+        lib.pn_message_set_address(message, to.encode())
+        if message_id is not None:
+            lib.pn_message_set_id(message, _string_id(message_id))
+        if reply_to is not None:
+            lib.pn_message_set_reply_to(message, reply_to.encode())
+        if correlation_id is not None:
+            lib.pn_message_set_correlation_id(message, _string_id(correlation_id))
+        if ttl is not None:
+            lib.pn_message_set_ttl(message, int(ttl * 1000))
+        raw = body.encode()
+        lib.pn_data_put_string(lib.pn_message_body(message), (len(raw), ffi.from_buffer(raw)))
+        while True:
+            size = lib.pn_message_encode_py(message, self.buffer, self.size)
+            if size >= 0:
+                encoded: bytes = ffi.buffer(self.buffer, size)[:]
+                return encoded
+            if size != lib.PN_OVERFLOW:
+                raise ValueError(f"proton could not encode a message to {to} (error {size})")
+            self.size *= 2
+            self.buffer = ffi.new("char[]", self.size)
+
+    def decode(self, payload: bytes) -> tuple[dict[str, Any], str | None, str | None, str | None]:
+        """The JSON body, message id, reply-to and correlation id of an encoded message."""
+        message = self.message
+        lib.pn_message_clear(message)
+        if lib.pn_message_decode(message, ffi.from_buffer(payload), len(payload)) < 0:
+            raise ValueError("not an AMQP message")
+        body = lib.pn_message_body(message)
+        lib.pn_data_rewind(body)
+        kind = lib.pn_data_type(body) if lib.pn_data_next(body) else None
+        if kind not in (lib.PN_STRING, lib.PN_BINARY):
+            raise ValueError("the message body is not JSON text")
+        raw = lib.pn_data_get_string(body) if kind == lib.PN_STRING else lib.pn_data_get_binary(body)
+        data = json.loads(ffi.buffer(raw.start, raw.size)[:])
+        if not isinstance(data, dict):
+            raise ValueError("the message body is JSON but not an object")
+        reply_to = lib.pn_message_get_reply_to(message)
+        return (
+            data,
+            _text(msgid2py(lib.pn_message_get_id(message))),
+            ffi.string(reply_to).decode() if reply_to else None,
+            _text(msgid2py(lib.pn_message_get_correlation_id(message))),
+        )
+
+
+def _string_id(value: str) -> dict[str, Any]:
+    """A message id (or correlation id) of type string, as pn_message_set_id takes it."""
+    raw = value.encode()
+    return {"type": lib.PN_STRING, "u": {"as_bytes": (len(raw), ffi.from_buffer(raw))}}
 
 
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+_CODEC = _Codec()
 
 
 # -- exceptions --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from proton import Condition, Connection, Delivery, Disposition, Endpoint, Event
 from proton._io import IO
 from proton._reactor import Task
 from proton.handlers import MessagingHandler
-from proton.reactor import Container
+from proton.reactor import Container, LinkOption
 
 REJECTION = Condition("meshbus-test:refused", "the test consumer refuses this message")
 ACCEPT, REJECT, RELEASE = "accept", "reject", "release"
@@ -207,7 +207,8 @@ class Exchange(Client):
 
     The producer's link targets `address`, or is an anonymous-relay link (null target) when `anonymous` is
     true; then each message's `to` is set to `address`. With `hold`, consumers settle nothing until all the
-    messages have reached them. The client is done when the producer has every message settled.
+    messages have reached them, each `copies` times in all. The client is done when the producer has every
+    message settled. A subclass may give consumers' links options (`receiver_options`).
     """
 
     def __init__(
@@ -219,6 +220,7 @@ class Exchange(Client):
         *,
         anonymous: bool = False,
         hold: bool = False,
+        copies: int = 1,
         credit: int = 10,
     ) -> None:
         super().__init__(url, prefetch=credit, auto_accept=False)
@@ -227,6 +229,7 @@ class Exchange(Client):
         self.policies = list(consumers)
         self.anonymous = anonymous
         self.hold = hold
+        self.copies = copies
         self.received: list[list[Message]] = [[] for _ in consumers]
         self.outcomes: list[Outcome | None] = [None] * len(self.messages)
         self._receivers: dict[Any, int] = {}
@@ -237,10 +240,16 @@ class Exchange(Client):
 
     def begin(self) -> None:
         for index in range(len(self.policies)):
-            receiver = self.container.create_receiver(self.connect(), self.address, name=f"consumer-{index}")
+            receiver = self.container.create_receiver(
+                self.connect(), self.address, name=f"consumer-{index}", options=self.receiver_options(index)
+            )
             self._receivers[receiver] = index
         if not self.policies:
             self._open_producer()
+
+    def receiver_options(self, index: int) -> list[LinkOption]:
+        """Options for consumer `index`'s link: none here."""
+        return []
 
     def _open_producer(self) -> None:
         self._producing = True
@@ -270,7 +279,7 @@ class Exchange(Client):
             self._settle(index, delivery)
             return
         self._held.append((index, delivery))
-        if len(self._held) == len(self.messages):
+        if len(self._held) == len(self.messages) * self.copies:
             for held_index, delivery in self._held:
                 self._settle(held_index, delivery)
 

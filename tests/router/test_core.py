@@ -8,6 +8,7 @@ The state machine at the end checks the settlement and credit rules over random 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -126,8 +127,10 @@ class Router:
         self.edge = RecordingEdge()
         self.core = RouterCore(self.edge, rules, DYNAMIC_PREFIX)
 
-    def consumer(self, address: str | None, credit: int = 0, *, settle_on_send: bool = False) -> ConsumerLink:
-        link = self.core.attach_consumer(object(), address, settle_on_send)
+    def consumer(
+        self, address: str | None, credit: int = 0, *, settle_on_send: bool = False, pool: str | None = None
+    ) -> ConsumerLink:
+        link = self.core.attach_consumer(object(), address, settle_on_send, pool=pool)
         if credit:
             self.credit(link, credit)
         return link
@@ -629,6 +632,122 @@ def test_settle_on_send_consumer_settles_the_producer_as_accepted_when_sent(rout
     assert consumer.inflight == {}
 
 
+# -- pools -------------------------------------------------------------------------------------------
+
+
+def pools_of(links: list[ConsumerLink]) -> Counter[str | None]:
+    """How many of the links are in each pool."""
+    return Counter(link.pool for link in links)
+
+
+@pytest.mark.parametrize("address", ["work", "near/x"])
+def test_each_pool_gets_every_message_shared_among_its_members(router, address):
+    a1, a2 = router.consumer(address, credit=10, pool="a"), router.consumer(address, credit=10, pool="a")
+    b = router.consumer(address, credit=10, pool="b")
+    producer = router.producer(address)
+    deliveries = [router.send(producer, settled=True) for _ in range(4)]
+    for delivery in deliveries:
+        assert pools_of(router.edge.receivers(delivery)) == {"a": 1, "b": 1}
+    assert len(router.edge.sent_to(a1)) == len(router.edge.sent_to(a2)) == 2
+    assert router.edge.sent_to(b) == deliveries
+
+
+def test_consumers_without_a_pool_are_one_group_beside_the_pools(router):
+    plain = [router.consumer("work", credit=10) for _ in range(2)]
+    pooled = router.consumer("work", credit=10, pool="a")
+    producer = router.producer("work")
+    deliveries = [router.send(producer, settled=True) for _ in range(4)]
+    for delivery in deliveries:
+        assert pools_of(router.edge.receivers(delivery)) == {"a": 1, None: 1}
+    assert [len(router.edge.sent_to(link)) for link in plain] == [2, 2]
+    assert router.edge.sent_to(pooled) == deliveries
+
+
+def test_consumers_all_in_one_pool_are_served_as_without_pools(router):
+    first, second = router.consumer("work", credit=10, pool="a"), router.consumer("work", credit=10, pool="a")
+    producer = router.producer("work")
+    deliveries = [router.send(producer) for _ in range(2)]
+    assert {link for d in deliveries for link in router.edge.receivers(d)} == {first, second}
+    link = router.edge.receivers(deliveries[0])[0]
+    router.core.consumer_outcome(link, router.edge.handle(link, deliveries[0]), ACCEPTED, False)
+    assert router.edge.updates == [(deliveries[0], ACCEPTED)]  # unsettled states pass as for unicast
+    router.settle(link, deliveries[0], MODIFIED)
+    assert router.edge.outcome(deliveries[0]) == MODIFIED  # the exact outcome, not an aggregate
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "expected"),
+    [
+        ((ACCEPTED, ACCEPTED), ACCEPTED),
+        ((ACCEPTED, REJECTED), REJECTED),
+        ((RELEASED, ACCEPTED), ACCEPTED),
+        ((MODIFIED, RELEASED), RELEASED),
+    ],
+)
+def test_outcome_over_pools_is_aggregated_once_every_pool_settled(router, outcomes, expected):
+    a, b = router.consumer("work", credit=5, pool="a"), router.consumer("work", credit=5)
+    delivery = router.send(router.producer("work"))
+    router.core.consumer_outcome(a, router.edge.handle(a, delivery), ACCEPTED, False)
+    assert router.edge.updates == []  # as for multicast: only the aggregate reaches the producer
+    for link, outcome in zip((a, b), outcomes, strict=True):
+        assert router.edge.settles == []
+        router.settle(link, delivery, outcome)
+    assert router.edge.outcome(delivery) == expected
+
+
+def test_multicast_ignores_pools(router):
+    consumers = [router.consumer("multi/x", credit=5, pool=pool) for pool in ("a", "a", None)]
+    delivery = router.send(router.producer("multi/x"))
+    assert router.edge.receivers(delivery) == consumers
+    assert [link.pool for link in consumers] == [None, None, None]  # the edge echoes no pool
+
+
+def test_queued_copy_of_a_leaving_pool_member_goes_to_a_member_of_the_same_pool(router):
+    a1, a2 = router.consumer("work", pool="a"), router.consumer("work", pool="a")  # no credit: copies queue
+    other = router.consumer("work", credit=5, pool="b")
+    delivery = router.send(router.producer("work"))
+    (holder,) = [link for link in (a1, a2) if delivery in link.queue]
+    mate = a2 if holder is a1 else a1
+    router.core.detach_consumer(holder, NOW)
+    router.credit(mate, 5)
+    assert router.edge.receivers(delivery) == [other, mate]
+    router.settle(other, delivery, REJECTED)
+    router.settle(mate, delivery)
+    assert router.edge.outcome(delivery) == REJECTED
+
+
+@pytest.mark.parametrize(("other_outcome", "expected"), [(ACCEPTED, ACCEPTED), (MODIFIED, RELEASED)])
+def test_queued_copy_of_a_pool_that_empties_counts_as_released(router, other_outcome, expected):
+    leaving = router.consumer("work", pool="a")  # no credit: its copy waits
+    other = router.consumer("work", credit=5)
+    delivery = router.send(router.producer("work"))
+    router.settle(other, delivery, other_outcome)
+    assert router.edge.settles == []
+    router.core.detach_consumer(leaving, NOW)
+    assert router.edge.receivers(delivery) == [other]  # not a second copy to the remaining group
+    assert router.edge.outcome(delivery) == expected
+
+
+def test_pools_merge_back_into_one_group_when_a_pool_empties(router):
+    a = router.consumer("work", credit=5, pool="a")
+    b = router.consumer("work", credit=5, pool="b")
+    producer = router.producer("work")
+    router.core.detach_consumer(b, NOW)
+    delivery = router.send(producer)
+    assert router.edge.receivers(delivery) == [a]
+    router.settle(a, delivery, MODIFIED)
+    assert router.edge.outcome(delivery) == MODIFIED  # one copy again: the exact outcome
+
+
+def test_pooled_consumers_keep_the_credit_rules(router):
+    producer = router.producer("work")
+    first, second = router.consumer("work", pool="a"), router.consumer("work", pool="b")
+    assert router.edge.granted(producer) == [CAPACITY]
+    router.core.detach_consumer(first, NOW)
+    router.core.detach_consumer(second, NOW)
+    assert router.edge.withdrawals == [producer]
+
+
 # -- random event sequences --------------------------------------------------------------------------
 
 ADDRESSES = ("multi/m", "near/n", "work/w")
@@ -645,7 +764,8 @@ class ForwardingMachine(RuleBasedStateMachine):
     credit rules: each unsettled delivery is settled back exactly once, after every copy of it is
     done with, unless its producer settled first or left; no producer link holds more than its
     capacity; a producer has credit only while its address has a consumer, and is never left
-    without credit while the router holds nothing of it. Deliveries are complete (not streamed)."""
+    without credit while the router holds nothing of it; outside multicast, a delivery reaches at most
+    one consumer of each pool. Deliveries are complete (not streamed)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -655,6 +775,7 @@ class ForwardingMachine(RuleBasedStateMachine):
         self.consumers: list[ConsumerLink] = []
         self.awaiting: list[Delivery] = []  # unsettled deliveries whose producer waits for the outcome
         self.open: list[Sent] = []  # copies whose consumer owes an outcome
+        self.pools_reached: dict[Delivery, set[str | None]] = {}
         self.checked_sends = self.checked_settles = self.checked_updates = 0
 
     @initialize(
@@ -665,7 +786,7 @@ class ForwardingMachine(RuleBasedStateMachine):
     )
     def start_with_a_path(self, address: str, credit: int, anonymous: bool, capacity: int) -> None:
         # Most random sequences would otherwise never get a message from a producer to a consumer.
-        self.attach_consumer(address, credit, settle_on_send=False)
+        self.attach_consumer(address, credit, settle_on_send=False, pool=None)
         self.attach_producer(None if anonymous else address, capacity)
 
     @rule(address=st.sampled_from([*ADDRESSES, None]), capacity=st.integers(1, 4))
@@ -680,9 +801,17 @@ class ForwardingMachine(RuleBasedStateMachine):
         self.router.core.detach_producer(link)
         self.awaiting = [d for d in self.awaiting if d.link is not link]
 
-    @rule(address=st.sampled_from([*ADDRESSES, None]), credit=st.integers(0, 3), settle_on_send=st.booleans())
-    def attach_consumer(self, address: str | None, credit: int, settle_on_send: bool) -> None:
-        self.consumers.append(self.router.consumer(address, credit, settle_on_send=settle_on_send))
+    @rule(
+        address=st.sampled_from([*ADDRESSES, None]),
+        credit=st.integers(0, 3),
+        settle_on_send=st.booleans(),
+        pool=st.sampled_from([None, "a", "b"]),
+    )
+    def attach_consumer(
+        self, address: str | None, credit: int, settle_on_send: bool, pool: str | None
+    ) -> None:
+        link = self.router.consumer(address, credit, settle_on_send=settle_on_send, pool=pool)
+        self.consumers.append(link)
 
     @precondition(lambda self: self.consumers)
     @rule(index=PICK)
@@ -754,6 +883,10 @@ class ForwardingMachine(RuleBasedStateMachine):
             assert sent.delivery.deadline is None or sent.delivery.deadline > self.now, "sent after expiry"
             if not sent.presettled:
                 self.open.append(sent)
+            if sent.link.entry.distribution is not Distribution.MULTICAST:
+                reached = self.pools_reached.setdefault(sent.delivery, set())
+                assert sent.link.pool not in reached, "two copies to one pool"
+                reached.add(sent.link.pool)
         for delivery, _ in edge.settles[self.checked_settles :]:
             assert delivery in self.awaiting, "settled twice, or to a producer that settled or left"
             self.awaiting.remove(delivery)
@@ -762,6 +895,20 @@ class ForwardingMachine(RuleBasedStateMachine):
             assert delivery in self.awaiting, "update to a producer that settled or left"
         self.checked_sends, self.checked_settles = len(edge.sends), len(edge.settles)
         self.checked_updates = len(edge.updates)
+
+    @invariant()
+    def groups_partition_the_consumers_by_pool(self) -> None:
+        for entry in self.router.core.entries.values():
+            if entry.group is not None:
+                assert entry.group.consumers is entry.consumers and not entry.pools
+                assert {link.pool for link in entry.consumers} <= {entry.group.pool}
+            else:
+                assert len(entry.pools) >= 2
+                assert len({group.pool for group in entry.pools}) == len(entry.pools)
+                for group in entry.pools:
+                    assert group.consumers and all(link.pool == group.pool for link in group.consumers)
+                members = [id(link) for group in entry.pools for link in group.consumers]
+                assert sorted(members) == sorted(id(link) for link in entry.consumers)
 
     @invariant()
     def credit_rules_hold(self) -> None:

@@ -85,7 +85,9 @@ from meshbus.amqp.pn import (
     pn_link_get_drain,
     pn_link_is_sender,
     pn_link_open,
+    pn_link_properties,
     pn_link_recv,
+    pn_link_remote_properties,
     pn_link_remote_rcv_settle_mode,
     pn_link_remote_snd_settle_mode,
     pn_link_remote_source,
@@ -141,6 +143,8 @@ _OUTCOMES: Final = {ACCEPTED_KIND: Outcome(ACCEPTED_KIND), RELEASED_KIND: Outcom
 MALFORMED: Final = rejected(
     "amqp:decode-error", "the message's header or properties section is not valid AMQP"
 )
+# The link property by which a consumer names its pool (a string): see router/core.py, rule 5.
+POOL_PROPERTY: Final = "meshbus:pool"
 MAX_HEADERS: Final = 1 << 20  # bytes a message may take before its properties section is complete
 _BUFFER_SIZE: Final = 1 << 16
 
@@ -478,8 +482,17 @@ class Engine:
             raise AttachError(
                 "amqp:invalid-field", "a receiving link needs a source address or a dynamic source"
             )
+        try:
+            pool = pn.string_field(pn_link_remote_properties(handle), POOL_PROPERTY)
+        except TypeError:
+            where = "a dynamic address" if address is None else repr(address)
+            raise AttachError(
+                "amqp:invalid-field",
+                f"receiving link on {where}: link property {POOL_PROPERTY!r} must be a string"
+                " (the name of the consumer's pool)",
+            ) from None
         settle_on_send = pn_link_remote_snd_settle_mode(handle) == PN_SND_SETTLED
-        link = self.core.attach_consumer(handle, address, settle_on_send, conn)
+        link = self.core.attach_consumer(handle, address, settle_on_send, conn, pool=pool)
         local = pn_link_source(handle)
         pn_terminus_copy(local, remote)
         pn_terminus_copy(pn_link_target(handle), pn_link_remote_target(handle))
@@ -487,6 +500,8 @@ class Engine:
         pn_link_set_rcv_settle_mode(handle, pn_link_remote_rcv_settle_mode(handle))
         if dynamic:
             pn_terminus_set_address(local, link.address.encode())
+        if link.pool is not None:  # the pool in effect (none on a multicast address)
+            pn.put_symbol_map(pn_link_properties(handle), {POOL_PROPERTY: link.pool})
         return link
 
     def _attach_producer(self, handle: CData, conn: AmqpConnection) -> ProducerLink:

@@ -77,7 +77,9 @@ pn_link_free: Final = lib.pn_link_free
 pn_link_get_drain: Final = lib.pn_link_get_drain
 pn_link_is_sender: Final = lib.pn_link_is_sender
 pn_link_open: Final = lib.pn_link_open
+pn_link_properties: Final = lib.pn_link_properties
 pn_link_recv: Final = lib.pn_link_recv
+pn_link_remote_properties: Final = lib.pn_link_remote_properties
 pn_link_remote_rcv_settle_mode: Final = lib.pn_link_remote_rcv_settle_mode
 pn_link_remote_snd_settle_mode: Final = lib.pn_link_remote_snd_settle_mode
 pn_link_remote_source: Final = lib.pn_link_remote_source
@@ -168,3 +170,28 @@ def put_symbol_array(data: CData, values: list[str]) -> None:
     for value in values:
         put_symbol(data, value)
     lib.pn_data_exit(data)
+
+
+def string_field(data: CData, key: str) -> str | None:
+    """The string under the symbol `key` in the map `data` holds (an Attach or Open frame's properties); None
+    when the key is absent, TypeError when its value is not a string."""
+    if not data:  # proton's NULL for a frame without properties
+        return None
+    lib.pn_data_rewind(data)
+    if not lib.pn_data_next(data) or lib.pn_data_type(data) != lib.PN_MAP:
+        return None
+    lib.pn_data_enter(data)
+    wanted = key.encode("ascii")
+    while lib.pn_data_next(data):
+        found = lib.pn_data_type(data) == lib.PN_SYMBOL and _bytes(lib.pn_data_get_symbol(data)) == wanted
+        lib.pn_data_next(data)  # to the key's value
+        if found:
+            if lib.pn_data_type(data) != lib.PN_STRING:
+                raise TypeError(f"the value of {key!r} is not a string")
+            return _bytes(lib.pn_data_get_string(data)).decode("utf-8", "replace")
+    return None
+
+
+def _bytes(value: CData) -> bytes:
+    """A pn_bytes_t's bytes."""
+    return ffi.unpack(value.start, value.size) if value.size else b""

@@ -9,6 +9,10 @@ Rules of this module:
    message expiry times are wall-clock times).
 4. Memory bound: a producer's link is given credit only for deliveries that have left the router, so the
    router holds at most `capacity` not-yet-forwarded deliveries per producer link, whatever the consumers do.
+5. Pools: a consumer may name a pool. On a balanced or closest address the consumers form one group per pool
+   (those without a pool, one more) and each message goes to one consumer of every group, its copies' outcomes
+   combined for the producer as for multicast. While an address's consumers all share one group (the common
+   case) delivering costs no more than without pools. Multicast addresses ignore pools.
 """
 
 from __future__ import annotations
@@ -82,14 +86,30 @@ class Edge(Protocol):
 
 
 @dataclass(slots=True, eq=False)
+class ConsumerGroup:
+    """Consumers sharing the messages of an address: each message goes to one of them."""
+
+    pool: str | None
+    consumers: list[ConsumerLink]
+    rotation: int = 0  # tie-breaker: consumers take turns
+
+
+@dataclass(slots=True, eq=False)
 class AddressEntry:
-    """One address with its consumers and the producers' links targeting it."""
+    """One address with its consumers and the producers' links targeting it.
+
+    While the consumers all share one group (they name the same pool, or none), `group` is that group and its
+    list is `consumers` itself; once they split, `group` is None and `pools` holds a group per pool."""
 
     address: str
     distribution: Distribution
     consumers: list[ConsumerLink] = field(default_factory=list)
     producers: list[ProducerLink] = field(default_factory=list)
-    rotation: int = 0  # tie-breaker: consumers take turns
+    group: ConsumerGroup | None = None
+    pools: list[ConsumerGroup] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.group = ConsumerGroup(None, self.consumers)
 
 
 @dataclass(slots=True, eq=False)
@@ -116,6 +136,7 @@ class ConsumerLink:
     entry: AddressEntry
     owner: Any = None  # the edge's object for the link's connection, opaque to the core
     settle_on_send: bool = False  # the consumer asked for pre-settled deliveries
+    pool: str | None = None  # the pool it shares messages within (None on multicast addresses)
     credit: int = 0
     drain: bool = False
     blocked: bool = False  # the edge cannot take more now (a slow socket)
@@ -148,8 +169,8 @@ class Delivery:
     pending: int = 0  # copies neither settled by a consumer nor given up
     queued: int = 0  # copies waiting in consumers' queues (the payload must be kept whole for them)
     accepted: bool = False
-    refusal: Outcome | None = None  # for multicast: the first rejection seen
-    unicast: bool = True
+    refusal: Outcome | None = None  # for a delivery copied to several consumers: the first rejection seen
+    unicast: bool = True  # one copy: the consumer's outcome is the producer's
     moved_on: bool = False  # no longer counted against the producer's credit
     aborted: bool = False
 
@@ -206,19 +227,64 @@ class RouterCore:
         return f"{self._dynamic_prefix}{self._dynamic_count}"
 
     def attach_consumer(
-        self, handle: Handle, address: str | None, settle_on_send: bool = False, owner: Any = None
+        self,
+        handle: Handle,
+        address: str | None,
+        settle_on_send: bool = False,
+        owner: Any = None,
+        *,
+        pool: str | None = None,
     ) -> ConsumerLink:
-        """A client attached a receiving link. `address` None asks for a dynamic address."""
+        """A client attached a receiving link. `address` None asks for a dynamic address; `pool` names the
+        group of consumers it shares messages with (ignored on a multicast address: the link's pool is then
+        None)."""
         if address is None:
             entry = self._entry(self.dynamic_address(), Distribution.CLOSEST)
         else:
             entry = self._entry(address)
-        link = ConsumerLink(handle, entry.address, entry, owner, settle_on_send)
+        if entry.distribution is Distribution.MULTICAST:
+            pool = None
+        link = ConsumerLink(handle, entry.address, entry, owner, settle_on_send, pool)
         entry.consumers.append(link)
+        self._join_group(entry, link)
         if len(entry.consumers) == 1:
             for producer in entry.producers:
                 self._replenish(producer)
         return link
+
+    def _join_group(self, entry: AddressEntry, link: ConsumerLink) -> None:
+        """File a new consumer, already among the address's consumers, with the others of its pool."""
+        shared = entry.group
+        if shared is not None:
+            if len(entry.consumers) == 1:
+                shared.pool = link.pool  # the first consumer names the group
+                return
+            if link.pool == shared.pool:
+                return
+            # The consumers split: each group gets a list of its own; `consumers` keeps every consumer.
+            entry.group = None
+            entry.pools = [ConsumerGroup(shared.pool, entry.consumers[:-1], shared.rotation)]
+        for group in entry.pools:
+            if group.pool == link.pool:
+                group.consumers.append(link)
+                return
+        entry.pools.append(ConsumerGroup(link.pool, [link]))
+
+    def _leave_group(self, entry: AddressEntry, link: ConsumerLink) -> ConsumerGroup | None:
+        """Take a leaving consumer, already out of the address's consumers, from its group; return the
+        group if consumers remain in it."""
+        if entry.group is not None:
+            return entry.group if entry.consumers else None
+        (group,) = [group for group in entry.pools if group.pool == link.pool]
+        group.consumers.remove(link)
+        if group.consumers:
+            return group
+        entry.pools.remove(group)
+        if len(entry.pools) == 1:  # one group left: its list is `consumers` again
+            (last,) = entry.pools
+            entry.pools = []
+            entry.group = ConsumerGroup(last.pool, entry.consumers, last.rotation)
+        return None
 
     def attach_producer(
         self, handle: Handle, address: str | None, capacity: int, owner: Any = None, dynamic: bool = False
@@ -249,6 +315,9 @@ class RouterCore:
         link.closed = True
         entry = link.entry
         entry.consumers.remove(link)
+        # Where its queued deliveries may go instead (on a multicast address, the others have their copies).
+        multicast = entry.distribution is Distribution.MULTICAST
+        mates = None if multicast else self._leave_group(entry, link)
         self._expiring.discard(link)
         # Sent but unsettled: the outcome is unknown, so the producer is told to resend.
         for delivery in list(link.inflight.values()):
@@ -261,8 +330,8 @@ class RouterCore:
             delivery.queued -= 1
             if delivery.deadline is not None and delivery.deadline <= now:
                 self._expire_copy(delivery)
-            elif delivery.unicast and entry.consumers and not delivery.aborted:
-                self._offer(self._choose(entry), delivery)
+            elif mates is not None and not delivery.aborted:
+                self._offer(self._choose(mates, entry.distribution), delivery)
             else:
                 self._copy_settled(delivery, RELEASED)
             if not delivery.queued:
@@ -368,21 +437,30 @@ class RouterCore:
             delivery.pending = len(targets)
             for consumer in targets:
                 self._offer(consumer, delivery)
-        else:
+        elif (group := entry.group) is not None:
             delivery.pending = 1
-            consumers = entry.consumers
-            self._offer(consumers[0] if len(consumers) == 1 else self._choose(entry), delivery)
+            consumers = group.consumers
+            self._offer(
+                consumers[0] if len(consumers) == 1 else self._choose(group, entry.distribution), delivery
+            )
+        else:
+            # Consumers in several pools: a copy for each, the outcomes combined as for multicast.
+            delivery.unicast = False
+            pools = entry.pools
+            delivery.pending = len(pools)
+            for pool_group in pools:
+                self._offer(self._choose(pool_group, entry.distribution), delivery)
         if not delivery.queued:
             self._move_on(delivery)
         return delivery
 
-    def _choose(self, entry: AddressEntry) -> ConsumerLink:
-        consumers = entry.consumers
+    def _choose(self, group: ConsumerGroup, distribution: Distribution) -> ConsumerLink:
+        consumers = group.consumers
         count = len(consumers)
         if count == 1:
             return consumers[0]
-        start = entry.rotation = (entry.rotation + 1) % count
-        if entry.distribution is Distribution.BALANCED:
+        start = group.rotation = (group.rotation + 1) % count
+        if distribution is Distribution.BALANCED:
             best = consumers[start]
             for i in range(1, count):
                 candidate = consumers[(start + i) % count]

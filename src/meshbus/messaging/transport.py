@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import threading
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from meshbus.amqp.client import (
     Receiver,
     describe_outcome,
 )
-from meshbus.messaging import wire
+from meshbus.messaging import green, wire
 from meshbus.messaging.exceptions import (
     MessageDeliveryFailure,
     MessageUndeliverable,
@@ -260,13 +259,16 @@ def _detail(outcome: Outcome) -> str:
 
 class Transport:
     """The blocking face of `AsyncTransport`: safe to use from any number of threads at once. Its I/O runs
-    on an asyncio loop in a daemon thread it owns (uvloop where installed)."""
+    on an asyncio loop in a daemon thread it owns (uvloop where installed). In a process that eventlet has
+    monkey-patched, that thread is still an OS thread and callers are green threads that wait without
+    blocking the hub (see green.py)."""
 
     def __init__(
         self, url: str = "meshbus://127.0.0.1:5672/", *, default_exchange: str | None = None
     ) -> None:
         self.loop = _new_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="meshbus-io", daemon=True)
+        self._green = green.active()
+        self._thread = green.os_thread(self.loop.run_forever, "meshbus-io")
         self._thread.start()
 
         async def make() -> AsyncTransport:
@@ -276,9 +278,13 @@ class Transport:
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run `coroutine` on the transport's loop and wait for its result (from any thread but that one)."""
+        if self._green:
+            return green.run(self.loop, coroutine)
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run `coroutine` on the transport's loop; its future. Under eventlet, wait with `run` instead: a
+        green thread blocked in this future's `result()` is never woken."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
     def close(self) -> None:
@@ -305,13 +311,14 @@ class AsyncService(Protocol):
 
 class BlockingService:
     """The blocking face of an asyncio server or listener (`aio`): `start()`, `stop()` and `wait()` block;
-    its endpoints' plain (not coroutine) methods run in a pool of `max_workers` threads."""
+    its endpoints' plain (not coroutine) methods run in a pool of `max_workers` threads (green threads
+    under eventlet)."""
 
     aio: AsyncService
 
     def __init__(self, transport: Transport, max_workers: int, thread_name: str) -> None:
         self.transport = transport
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix=thread_name)
+        self.executor = green.executor(max_workers, thread_name)
 
     def start(self) -> None:
         self.transport.run(self.aio.start())

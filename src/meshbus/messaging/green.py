@@ -1,0 +1,177 @@
+"""Eventlet support: the blocking API in a process that eventlet has monkey-patched (oslo services).
+
+Rules of this module:
+1. It never imports eventlet on its own: `active()` is true only when the application has imported eventlet
+   and monkey-patched threading; the rest of this module is used only then.
+2. A transport's I/O loop runs on a real OS thread: on a green thread its loop would block the whole hub.
+3. Eventlet's locks cannot be released from another OS thread (the waiter's hub is never told), so the I/O
+   thread and green threads share no green lock. A green thread waiting for the loop polls an eventfd that
+   the I/O thread writes to, through its hub, as eventlet's tpool does with a socket pair; the futures they
+   share hold real locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Coroutine
+from types import ModuleType
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+def active() -> bool:
+    """Whether eventlet has monkey-patched threading here (without importing eventlet to find out)."""
+    if "eventlet" not in sys.modules:
+        return False
+    from eventlet import patcher
+
+    return bool(patcher.is_monkey_patched("thread"))
+
+
+def _real_threading() -> ModuleType:
+    if not active():
+        return threading
+    from eventlet import patcher
+
+    module: ModuleType = patcher.original("threading")
+    return module
+
+
+def os_thread(target: Callable[[], object], name: str) -> threading.Thread:
+    """A daemon thread that is an OS thread, even when threading is monkey-patched."""
+    thread: threading.Thread = _real_threading().Thread(target=target, name=name, daemon=True)
+    return thread
+
+
+class _Call(Generic[T]):
+    """A coroutine run on the I/O loop for a green thread: the loop writes `wakeup` once it is done."""
+
+    def __init__(self, coroutine: Coroutine[Any, Any, T]) -> None:
+        self.coroutine = coroutine
+        self.wakeup = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.task: asyncio.Task[T] | None = None
+        self.abandoned = False
+
+    # The three methods below run on the loop, which is why they need no lock between them.
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.coroutine)
+        self.task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[T]) -> None:
+        if not self.abandoned:
+            os.eventfd_write(self.wakeup, 1)
+
+    def abandon(self) -> None:
+        """The green thread gave up waiting (eventlet.Timeout, killed): the eventfd is the loop's to close."""
+        self.abandoned = True
+        os.close(self.wakeup)
+        assert self.task is not None
+        if self.task.done() and not self.task.cancelled():
+            self.task.exception()  # retrieved: nobody is left to see it
+        self.task.cancel()
+
+
+def run(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run `coroutine` on `loop` (another OS thread's) and return its result; meanwhile the calling green
+    thread's hub runs the other green threads."""
+    from eventlet.hubs import trampoline
+
+    call = _Call(coroutine)
+    try:
+        loop.call_soon_threadsafe(call.start)
+    except BaseException:  # the loop is closed
+        os.close(call.wakeup)
+        raise
+    try:
+        trampoline(call.wakeup, read=True)
+    except BaseException:
+        loop.call_soon_threadsafe(call.abandon)
+        raise
+    os.close(call.wakeup)
+    assert call.task is not None
+    return call.task.result()
+
+
+class _SharedFuture(concurrent.futures.Future[T]):
+    """A future the I/O thread and green threads share: its condition is a real lock (rule 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._condition = _real_threading().Condition()
+
+
+_WorkItem = tuple[_SharedFuture[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+class GreenExecutor(concurrent.futures.Executor):
+    """Runs what the I/O thread submits in green threads of the hub that made the executor, at most
+    `max_workers` at once: endpoints run as they do under oslo.messaging's eventlet executor, free to use
+    green locks and green I/O that the rest of the service shares."""
+
+    def __init__(self, max_workers: int) -> None:
+        import eventlet
+
+        self._pool = eventlet.GreenPool(max_workers)
+        self._queue: deque[_WorkItem] = deque()  # appended by the I/O thread, emptied by the dispatcher
+        self._wakeup = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._closed = False
+        self._dispatcher = eventlet.spawn(self._dispatch)
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        if self._closed:
+            raise RuntimeError("cannot run more work: the server's executor is shut down")
+        future: _SharedFuture[T] = _SharedFuture()
+        self._queue.append((future, fn, args, kwargs))
+        os.eventfd_write(self._wakeup, 1)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._dispatcher.kill()
+        while self._queue:  # submitted but not yet dispatched
+            item = self._queue.popleft()
+            if cancel_futures:
+                item[0].cancel()
+            else:
+                self._pool.spawn_n(_work, *item)
+        if wait:
+            self._pool.waitall()
+        os.close(self._wakeup)
+
+    def _dispatch(self) -> None:
+        from eventlet.hubs import trampoline
+
+        while True:
+            trampoline(self._wakeup, read=True)
+            os.eventfd_read(self._wakeup)
+            while self._queue:
+                self._pool.spawn_n(_work, *self._queue.popleft())  # waits while the pool is full
+
+
+def _work(
+    future: _SharedFuture[T], fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as error:  # as concurrent.futures' workers: the future carries it
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def executor(max_workers: int, thread_name: str) -> concurrent.futures.Executor:
+    """Where a blocking server runs its endpoints' plain methods: green threads under eventlet, else a pool
+    of `max_workers` threads named after `thread_name`."""
+    if active():
+        return GreenExecutor(max_workers)
+    return concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix=thread_name)

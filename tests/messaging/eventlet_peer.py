@@ -1,0 +1,101 @@
+"""A process that eventlet monkey-patches before importing meshbus, as an oslo service on eventlet does.
+
+Run by test_eventlet.py as `python eventlet_peer.py URL`: it serves an RPC server and calls it from many green
+threads at once on one transport, and prints one JSON object with what it saw (the test asserts on it).
+"""
+
+from __future__ import annotations
+
+import eventlet
+
+eventlet.monkey_patch()
+
+import json  # noqa: E402  (after monkey-patching, as a service on eventlet imports)
+import sys  # noqa: E402
+import uuid  # noqa: E402
+from typing import Any  # noqa: E402
+
+from eventlet import patcher  # noqa: E402
+
+from meshbus.messaging import RPCClient, RPCServer, Target, Transport  # noqa: E402
+
+CALLERS = 20  # green threads calling at once
+WAIT = 15.0  # seconds anything here may take; the test's subprocess time-out is longer
+
+real_threading = patcher.original("threading")
+MAIN_THREAD = real_threading.get_ident()
+
+
+class Endpoint:
+    def __init__(self) -> None:
+        self.arrived = 0
+        self.everyone_in = eventlet.event.Event()  # a green primitive shared by endpoint calls
+        self.os_threads: set[int] = set()
+        self.casts: list[int] = []
+
+    def gather(self, ctxt: dict[str, Any], number: int) -> int:
+        """Returns only once CALLERS calls are in progress at once: green threads serve them concurrently."""
+        self.os_threads.add(real_threading.get_ident())
+        self.arrived += 1
+        if self.arrived == CALLERS:
+            self.everyone_in.send(True)
+        with eventlet.Timeout(WAIT):
+            self.everyone_in.wait()
+        return number * 2
+
+    def slow(self, ctxt: dict[str, Any], seconds: float) -> str:
+        eventlet.sleep(seconds)
+        return "slept"
+
+    def note(self, ctxt: dict[str, Any], number: int) -> None:
+        self.casts.append(number)
+
+
+def main(url: str) -> None:
+    topic = f"eventlet-{uuid.uuid4().hex[:8]}"
+    ticks = [0]
+
+    def ticker() -> None:
+        while True:
+            ticks[0] += 1
+            eventlet.sleep(0.01)
+
+    eventlet.spawn_n(ticker)
+    transport = Transport(url)
+    endpoint = Endpoint()
+    server = RPCServer(transport, Target(topic=topic, server="peer"), [endpoint], max_workers=CALLERS)
+    server.start()
+    client = RPCClient(transport, Target(topic=topic), timeout=WAIT)
+    report: dict[str, Any] = {}
+
+    pool = eventlet.GreenPool(CALLERS)
+    report["gathered"] = sorted(pool.imap(lambda n: client.call({}, "gather", number=n), range(CALLERS)))
+    report["endpoint_os_threads"] = [thread == MAIN_THREAD for thread in endpoint.os_threads]
+
+    before = ticks[0]
+    report["slow"] = client.call({}, "slow", seconds=0.3)
+    report["ticked_during_call"] = ticks[0] > before
+
+    try:  # a green thread that gives up waiting (eventlet.Timeout): the transport carries on
+        with eventlet.Timeout(0.1):
+            client.call({}, "slow", seconds=1.0)
+        report["abandoned"] = "no timeout"
+    except eventlet.Timeout:
+        report["abandoned"] = "timeout"
+    report["after_abandon"] = client.call({}, "gather", number=21)
+
+    for number in range(5):
+        client.cast({}, "note", number=number)
+    with eventlet.Timeout(WAIT):
+        while len(endpoint.casts) < 5:
+            eventlet.sleep(0.01)
+    report["casts"] = sorted(endpoint.casts)
+
+    server.stop()
+    server.wait()
+    transport.close()
+    print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from tests.conftest import Router
-from tests.messaging.conftest import url_of
 
 PEER = Path(__file__).with_name("eventlet_peer.py")
 PEER_TIMEOUT = 60.0  # seconds; the peer's own waits are bounded well below this
@@ -17,7 +16,7 @@ PEER_TIMEOUT = 60.0  # seconds; the peer's own waits are bounded well below this
 
 def test_green_threads_call_a_server_in_the_same_process(default_router: Router) -> None:
     done = subprocess.run(
-        [sys.executable, str(PEER), url_of(default_router)],
+        [sys.executable, str(PEER), f"meshbus://{default_router.host}:{default_router.port}/"],
         capture_output=True,
         text=True,
         timeout=PEER_TIMEOUT,

@@ -79,6 +79,9 @@ class AsyncRPCClient:
     - `cast` returns once a server has taken the request (at least once: resent if it was given back) or,
       with `at_least_once=False`, once it is written (pre-settled, fire and forget).
     - A call or cast that nobody serves fails at once with `MessageUndeliverable`.
+    - `call_monitor_timeout` (seconds): the server that took a call sends heartbeats while it works on it,
+      and the call fails (`MessagingTimeout`) as soon as neither reply nor heartbeat came for that long,
+      however long its `timeout`: a server that died mid-call is noticed early.
     - `prepare(...)` gives a client with some of the target's fields, the time-out or the retry changed.
     """
 
@@ -93,6 +96,7 @@ class AsyncRPCClient:
         serializer: Serializer | None = None,
         at_least_once: bool = True,
         allowed_remote_modules: Iterable[str] = (),
+        call_monitor_timeout: float | None = None,
     ) -> None:
         self.transport = transport
         self.target = target
@@ -101,6 +105,7 @@ class AsyncRPCClient:
         self.version_cap = version_cap
         self.serializer = serializer or Serializer()
         self.at_least_once = at_least_once
+        self.call_monitor_timeout = call_monitor_timeout
         # The library's own errors (NoSuchMethod, UnsupportedVersion...) are always rebuilt at the caller.
         self.allowed_remote_modules = frozenset(allowed_remote_modules) | {exceptions.__name__}
 
@@ -117,6 +122,7 @@ class AsyncRPCClient:
         retry: int | None = None,
         version_cap: str | None = None,
         at_least_once: bool | None = None,
+        call_monitor_timeout: float | None = None,
     ) -> AsyncRPCClient:
         prepared = AsyncRPCClient.__new__(AsyncRPCClient)
         prepared.__dict__.update(self.__dict__)
@@ -128,6 +134,7 @@ class AsyncRPCClient:
             ("retry", retry),
             ("version_cap", version_cap),
             ("at_least_once", at_least_once),
+            ("call_monitor_timeout", call_monitor_timeout),
         ):
             if value is not None:
                 setattr(prepared, name, value)
@@ -148,6 +155,7 @@ class AsyncRPCClient:
             self._context(ctxt),
             timeout=self.timeout,
             retry=self.retry,
+            call_monitor_timeout=self.call_monitor_timeout,
         )
         failure = body.get("failure")
         if failure is not None:
@@ -241,7 +249,9 @@ class AsyncRPCServer:
     (shared with the other servers of the topic) and the topic's fanout.
 
     A request is acknowledged (accepted) as soon as it arrives; at most `max_in_progress` run at once (the
-    router holds the rest). `stop()` stops taking requests; `wait()` waits for those in progress."""
+    router holds the rest). `stop()` stops taking requests; `wait()` waits for those in progress. While a
+    call whose caller asked for monitoring runs, its caller gets a heartbeat every half of the caller's
+    `call_monitor_timeout`."""
 
     def __init__(
         self,
@@ -298,6 +308,7 @@ class AsyncRPCServer:
         task.add_done_callback(self._in_progress.discard)
 
     async def _handle(self, incoming: wire.Incoming, message: IncomingMessage) -> None:
+        heartbeats = self._heartbeats(incoming)
         try:
             failure = None
             try:
@@ -315,7 +326,23 @@ class AsyncRPCServer:
                     payload = wire.encode_reply(incoming.reply_to, incoming.message_id, failure=failure)
                 self.transport.reply(payload)
         finally:
+            if heartbeats is not None:
+                heartbeats.cancel()
             message.finished()
+
+    def _heartbeats(self, incoming: wire.Incoming) -> asyncio.Task[None] | None:
+        """For a monitored call, a task sending its caller a heartbeat every half of its monitor interval."""
+        monitor = incoming.call_monitor_timeout
+        if monitor is None or not incoming.reply_to or not incoming.message_id:
+            return None
+        heartbeat = wire.encode_heartbeat(incoming.reply_to, incoming.message_id, ttl=monitor)
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(monitor / 2)
+                self.transport.reply(heartbeat)
+
+        return asyncio.get_running_loop().create_task(beat())
 
     async def _dispatch(self, incoming: wire.Incoming) -> Any:
         method = self.dispatcher.find(incoming.body)

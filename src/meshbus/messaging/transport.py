@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -117,6 +118,23 @@ def _split_host(address: str, url: str) -> tuple[str, int]:
 class _PendingCall:
     reply: asyncio.Future[dict[str, Any]]
     taken: bool = False  # the server accepted the request
+    heard: float = 0.0  # when the server last showed it works on the call (took it, heartbeat): monotonic
+
+    async def wait(self, address: str, monitor: float | None) -> dict[str, Any]:
+        """The reply; with a `monitor` interval, `MessagingTimeout` as soon as the server has been silent
+        that long (a server sends heartbeats while it works on a monitored call)."""
+        if monitor is None:
+            return await self.reply
+        self.heard = time.monotonic()
+        while not self.reply.done():
+            silence = time.monotonic() - self.heard
+            if silence >= monitor:
+                raise MessagingTimeout(
+                    f"{address}: the server stopped responding: no reply and no heartbeat for {monitor} s"
+                    " (call_monitor_timeout)"
+                )
+            await asyncio.wait([self.reply], timeout=monitor - silence)
+        return self.reply.result()
 
 
 class AsyncTransport:
@@ -179,24 +197,34 @@ class AsyncTransport:
         *,
         timeout: float,
         retry: int | None,
+        call_monitor_timeout: float | None = None,
     ) -> dict[str, Any]:
         """Send a request that expects a reply; the reply's JSON body. Raises `MessagingTimeout` after
-        `timeout` seconds, `MessageUndeliverable` at once when nobody serves `address`, and `OutcomeUnknown`
-        when the connection drops after the server took the request."""
+        `timeout` seconds (or, with `call_monitor_timeout`, once the server that took the request has sent
+        no heartbeat for that long), `MessageUndeliverable` at once when nobody serves `address`, and
+        `OutcomeUnknown` when the connection drops after the server took the request."""
         message_id = uuid.uuid4().hex
         pending = self._calls[message_id] = _PendingCall(asyncio.get_running_loop().create_future())
 
         async def encode() -> bytes:
             reply_to = await self._reply_address()
             return wire.encode_request(
-                address, request, context, message_id=message_id, reply_to=reply_to, ttl=timeout
+                address,
+                request,
+                context,
+                message_id=message_id,
+                reply_to=reply_to,
+                ttl=timeout,
+                call_monitor_timeout=call_monitor_timeout,
             )
 
         try:
             async with asyncio.timeout(timeout):
                 await self._deliver(address, encode, retry)
                 pending.taken = True
-                return await pending.reply
+                return await pending.wait(address, call_monitor_timeout)
+        except MessagingTimeout:
+            raise  # the call monitor's, worded already
         except TimeoutError:
             stage = "a reply" if pending.taken else "a server to take the request"
             raise MessagingTimeout(f"{address}: no {stage} within {timeout} s") from None
@@ -240,7 +268,11 @@ class AsyncTransport:
             log.warning("a reply that is not JSON was dropped: %s", error)
             return
         pending = self._calls.get(correlation_id or "")
-        if pending is not None and not pending.reply.done():
+        if pending is None or pending.reply.done():
+            return
+        if body is None:  # a heartbeat: the server still works on the call
+            pending.heard = time.monotonic()
+        else:
             pending.reply.set_result(body)
 
     def _connection_lost(self, reason: str) -> None:

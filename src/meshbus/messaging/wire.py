@@ -4,8 +4,9 @@ so a service on that driver and a meshbus service call each other through the ro
 Rules of this module:
 1. Pure functions: a target to an address, a request or reply to an encoded message and back. No I/O.
 2. Messages are encoded and decoded by proton (its pn_message codec), never by hand. A body is one AMQP string
-   holding JSON: {"request": ..., "context": ...} for requests and notifications, {"response": ...} or
-   {"failure": "<JSON of the exception>"} for replies.
+   holding JSON: {"request": ..., "context": ...} for requests and notifications (and "call_monitor_timeout"
+   when the caller wants heartbeats), {"response": ...} or {"failure": "<JSON of the exception>"} for replies.
+   A heartbeat is a message with a correlation id and no body, as the oslo AMQP 1.0 driver sends it.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class Incoming:
     context: dict[str, Any]
     message_id: str | None
     reply_to: str | None
+    call_monitor_timeout: float | None = None  # seconds: send the caller heartbeats at least this often
 
 
 def _dumps(value: Any) -> str:
@@ -94,20 +96,29 @@ def encode_request(
     reply_to: str | None = None,
     ttl: float | None = None,
     envelope: bool = False,
+    call_monitor_timeout: float | None = None,
 ) -> bytes:
     """A request (call, cast) or a notification (`envelope=True`) to address `to`."""
     if envelope:
         request = {"oslo.version": _ENVELOPE_VERSION, "oslo.message": _dumps(request)}
-    body = _dumps({"request": request, "context": context})
+    data: dict[str, Any] = {"request": request, "context": context}
+    if call_monitor_timeout is not None:
+        data["call_monitor_timeout"] = call_monitor_timeout
+    body = _dumps(data)
     return _CODEC.encode(to, body, message_id=message_id, reply_to=reply_to, ttl=ttl)
 
 
 def decode_request(payload: bytes) -> Incoming:
     data, message_id, reply_to, _ = _CODEC.decode(payload)
+    if data is None:
+        raise ValueError("the message has no body")
     request = data.get("request") or {}
     if "oslo.message" in request:
         request = json.loads(request["oslo.message"])
-    return Incoming(request, data.get("context") or {}, message_id, reply_to)
+    monitor = data.get("call_monitor_timeout")
+    if not isinstance(monitor, int | float) or isinstance(monitor, bool) or monitor <= 0:
+        monitor = None
+    return Incoming(request, data.get("context") or {}, message_id, reply_to, monitor)
 
 
 def encode_reply(to: str, correlation_id: str, *, result: Any = None, failure: str | None = None) -> bytes:
@@ -116,8 +127,13 @@ def encode_reply(to: str, correlation_id: str, *, result: Any = None, failure: s
     return _CODEC.encode(to, body, correlation_id=correlation_id)
 
 
-def decode_reply(payload: bytes) -> tuple[str | None, dict[str, Any]]:
-    """A reply's correlation id and JSON body."""
+def encode_heartbeat(to: str, correlation_id: str, ttl: float) -> bytes:
+    """A sign of life for a caller that asked for call monitoring: the server still works on its call."""
+    return _CODEC.encode(to, None, correlation_id=correlation_id, ttl=ttl)
+
+
+def decode_reply(payload: bytes) -> tuple[str | None, dict[str, Any] | None]:
+    """A reply's correlation id and JSON body (None: a heartbeat)."""
     data, _, _, correlation_id = _CODEC.decode(payload)
     return correlation_id, data
 
@@ -134,7 +150,7 @@ class _Codec(threading.local):
     def encode(
         self,
         to: str,
-        body: str,
+        body: str | None,
         *,
         message_id: str | None = None,
         reply_to: str | None = None,
@@ -152,8 +168,9 @@ class _Codec(threading.local):
             lib.pn_message_set_correlation_id(message, _string_id(correlation_id))
         if ttl is not None:
             lib.pn_message_set_ttl(message, int(ttl * 1000))
-        raw = body.encode()
-        lib.pn_data_put_string(lib.pn_message_body(message), (len(raw), ffi.from_buffer(raw)))
+        if body is not None:
+            raw = body.encode()
+            lib.pn_data_put_string(lib.pn_message_body(message), (len(raw), ffi.from_buffer(raw)))
         while True:
             size = lib.pn_message_encode_py(message, self.buffer, self.size)
             if size >= 0:
@@ -164,21 +181,23 @@ class _Codec(threading.local):
             self.size *= 2
             self.buffer = ffi.new("char[]", self.size)
 
-    def decode(self, payload: bytes) -> tuple[dict[str, Any], str | None, str | None, str | None]:
-        """The JSON body, message id, reply-to and correlation id of an encoded message."""
+    def decode(self, payload: bytes) -> tuple[dict[str, Any] | None, str | None, str | None, str | None]:
+        """The JSON body (None if it has none), message id, reply-to and correlation id of a message."""
         message = self.message
         lib.pn_message_clear(message)
         if lib.pn_message_decode(message, ffi.from_buffer(payload), len(payload)) < 0:
             raise ValueError("not an AMQP message")
         body = lib.pn_message_body(message)
         lib.pn_data_rewind(body)
-        kind = lib.pn_data_type(body) if lib.pn_data_next(body) else None
-        if kind not in (lib.PN_STRING, lib.PN_BINARY):
-            raise ValueError("the message body is not JSON text")
-        raw = lib.pn_data_get_string(body) if kind == lib.PN_STRING else lib.pn_data_get_binary(body)
-        data = json.loads(ffi.buffer(raw.start, raw.size)[:])
-        if not isinstance(data, dict):
-            raise ValueError("the message body is JSON but not an object")
+        kind = lib.pn_data_type(body) if lib.pn_data_next(body) else lib.PN_NULL
+        data = None
+        if kind != lib.PN_NULL:
+            if kind not in (lib.PN_STRING, lib.PN_BINARY):
+                raise ValueError("the message body is not JSON text")
+            raw = lib.pn_data_get_string(body) if kind == lib.PN_STRING else lib.pn_data_get_binary(body)
+            data = json.loads(ffi.buffer(raw.start, raw.size)[:])
+            if not isinstance(data, dict):
+                raise ValueError("the message body is JSON but not an object")
         reply_to = lib.pn_message_get_reply_to(message)
         return (
             data,

@@ -19,6 +19,7 @@ from proton import Condition, Event, Message
 from proton._io import IO
 
 import meshbus
+from tests.conftest import Config, Router
 from tests.integration.clients import (
     Client,
     Exchange,
@@ -30,7 +31,6 @@ from tests.integration.clients import (
     the,
     unique,
 )
-from tests.conftest import Config, Router
 
 SASL_HEADER = b"AMQP\x03\x01\x00\x00"
 AMQP_HEADER = b"AMQP\x00\x01\x00\x00"

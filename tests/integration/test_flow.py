@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from proton import Delivery, Event, Message
 
-from tests.integration.clients import Client, Exchange, numbered, run, the, unique
 from tests.conftest import Config, Router
+from tests.integration.clients import Client, Exchange, numbered, run, the, unique
 
 ALONE = 0.5  # seconds a producer waits with no consumer on its address
 
@@ -158,6 +158,15 @@ def test_a_message_already_expired_is_not_delivered_and_comes_back_undeliverable
     expired, fresh = exchange.settled_outcomes()
     assert (expired.name, expired.undeliverable) == ("modified", True)
     assert fresh.name == "accepted"
+
+
+def test_a_ttl_wins_over_an_absolute_expiry_time_from_another_clock(default_router: Router) -> None:
+    # oslo.messaging 14's AMQP 1.0 driver sets absolute-expiry-time from a monotonic clock (1970 here) and a
+    # correct ttl: the message must be delivered.
+    message = Message(body="call", ttl=60, expiry_time=time.monotonic() + 60)
+    exchange = run(Exchange(default_router.url, unique("test/expiry"), [message]))
+    assert exchange.bodies(0) == ["call"]
+    assert exchange.settled_outcomes()[0].name == "accepted"
 
 
 class ExpiryWhileQueued(Client):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from proton import Event
 
-from tests.integration.clients import Client, Running, the, unique
 from tests.conftest import Config, Router
+from tests.integration.clients import Client, Running, the, unique
 
 
 class Idle(Client):

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 from proton import Delivery, Event, Message
 
-from tests.integration.clients import Client, Exchange, run, the, unique
 from tests.conftest import Config, Router
+from tests.integration.clients import Client, Exchange, run, the, unique
 
 MiB = 1 << 20
 

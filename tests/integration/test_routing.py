@@ -11,6 +11,7 @@ import pytest
 from proton import Condition, Event, Message
 from proton.reactor import AtMostOnce, SenderOption
 
+from tests.conftest import Config, Router
 from tests.integration.clients import (
     ACCEPT,
     REJECT,
@@ -23,7 +24,6 @@ from tests.integration.clients import (
     the,
     unique,
 )
-from tests.conftest import Config, Router
 
 
 def test_send_and_receive(default_router: Router) -> None:

@@ -23,15 +23,6 @@ pytestmark = pytest.mark.timeout(oslo14.INSTALL_TIMEOUT + 60)
 
 PRIORITIES = ["audit", "debug", "info", "warn", "error", "critical", "sample"]
 
-# oslo 14 sets a call's absolute-expiry-time from time.monotonic() (seconds since boot), not the epoch; the
-# router takes it at its word, finds the call long expired and returns it modified/undeliverable-here, which
-# the driver raises as MessageDeliveryFailure. Strict: these must start passing once the router is fixed.
-CALLS_EXPIRE = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="router expires oslo 14 calls: their absolute-expiry-time is monotonic, not epoch, time",
-)
-
 Start = Callable[..., Peer]
 
 
@@ -71,7 +62,6 @@ def printed(peer: Peer, **fields: Any) -> dict[str, Any]:
     return peer.expect(lambda line: fields.items() <= line.items())
 
 
-@CALLS_EXPIRE
 def test_call_returns_the_value(start: Start, default_router: Router) -> None:
     (server,) = serve(start, default_router, "oslo14-call", "s1")
     context = {"user": "alice", "request_id": "req-1"}
@@ -91,7 +81,6 @@ def test_call_returns_the_value(start: Start, default_router: Router) -> None:
     server.finish()
 
 
-@CALLS_EXPIRE
 def test_remote_value_error_is_raised_at_the_caller(start: Start, default_router: Router) -> None:
     (server,) = serve(start, default_router, "oslo14-fail", "s1")
     client = start(

@@ -822,11 +822,14 @@ def _too_large(limit: int) -> Outcome:
 
 
 def _deadline(now: float, ttl: int | None, expiry: int | None) -> float:
-    """When a message expires, in epoch seconds, from its header's ttl and its absolute-expiry-time (ms)."""
-    candidates = [now + ttl / 1000] if ttl is not None else []
-    if expiry:
-        candidates.append(expiry / 1000)
-    return min(candidates)
+    """When a message expires, in epoch seconds, from its header's ttl or else its absolute-expiry-time (ms).
+
+    The ttl wins when both are set: it needs no clock shared with the sender, and some senders fill
+    absolute-expiry-time from a monotonic clock (oslo.messaging 14's AMQP 1.0 driver: seconds since boot,
+    which reads as 1970), which would expire every message on arrival."""
+    if ttl is not None:
+        return now + ttl / 1000
+    return expiry / 1000 if expiry else now
 
 
 def _read_outcome(delivery: CData, kind: int) -> Outcome:

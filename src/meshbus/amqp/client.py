@@ -152,7 +152,9 @@ class IncomingMessage:
             lib.pn_disposition_set_undeliverable(disposition, undeliverable)
         elif error is not None:
             pn.set_condition(lib.pn_disposition_condition(lib.pn_delivery_local(delivery)), *error)
-        lib.pn_delivery_update(delivery, state)
+        # A pre-settled delivery (the sender settled it) takes no outcome; its credit is still owed.
+        if not lib.pn_delivery_settled(delivery):
+            lib.pn_delivery_update(delivery, state)
         lib.pn_delivery_settle(delivery)
         if not self._credit_held:
             self._receiver._settled()
@@ -565,8 +567,6 @@ class ClientConnection:
             lib.pn_delivery_settle(delivery)
             return
         message = IncomingMessage(owner, delivery, payload)
-        if lib.pn_delivery_settled(delivery):  # pre-settled: nothing to give back but the credit
-            message._settle(lib.PN_ACCEPTED)
         try:
             owner.handler(message)
         except Exception:

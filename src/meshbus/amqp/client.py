@@ -351,6 +351,7 @@ class ClientConnection:
 
     async def _connect(self, host: Host) -> None:
         self._lost.clear()
+        self.last_error = None  # the first reason this connection fails for is the one reported
         self._generation += 1
         self._transport = lib.pn_transport()
         self._connection = lib.pn_connection()
@@ -428,13 +429,16 @@ class ClientConnection:
             lib.pn_transport_push(self._transport, ffi.from_buffer(chunk), len(chunk))
             view = view[capacity:]
             self._process()
+        # Input re-arms proton's idle time-out only when the transport is ticked: without this tick, a silent
+        # router would be noticed only at the tick after next, up to twice the time-out.
+        lib.pn_transport_tick(self._transport, int(time.monotonic() * 1000))
         self._flush()
 
     def _socket_lost(self, error: Exception | None) -> None:
         if self._socket is None:
             return
         self._socket = None
-        if not self.last_error or self._opened.is_set():
+        if not self.last_error:  # else this end closed it, for that reason (an idle time-out, a Close)
             self.last_error = str(error) if error else "the router closed the socket"
         self._fail_open(ClientError(self.last_error))
         self._drop_connection(self.last_error)
@@ -510,7 +514,7 @@ class ClientConnection:
                 lib.pn_connection_close(lib.pn_event_connection(event))
             elif kind in (lib.PN_TRANSPORT_ERROR, lib.PN_TRANSPORT_CLOSED):
                 error = pn.condition(lib.pn_transport_condition(lib.pn_event_transport(event)))
-                if error is not None and (not self.last_error or self._opened.is_set()):
+                if error is not None and not self.last_error:
                     self.last_error = _describe(error)
                 self._fail_open(ClientError(self.last_error or "transport closed"))
             lib.pn_collector_pop(collector)

@@ -17,7 +17,14 @@ from typing import Any  # noqa: E402
 
 from eventlet import patcher  # noqa: E402
 
-from meshbus.messaging import RPCClient, RPCServer, Target, Transport  # noqa: E402
+from meshbus.messaging import (  # noqa: E402
+    NotificationListener,
+    Notifier,
+    RPCClient,
+    RPCServer,
+    Target,
+    Transport,
+)
 
 CALLERS = 20  # green threads calling at once
 WAIT = 15.0  # seconds anything here may take; the test's subprocess time-out is longer
@@ -49,6 +56,9 @@ class Endpoint:
 
     def note(self, ctxt: dict[str, Any], number: int) -> None:
         self.casts.append(number)
+
+    def info(self, ctxt: Any, publisher_id: str, event_type: str, payload: int, metadata: Any) -> None:
+        self.casts.append(payload)
 
 
 def main(url: str) -> None:
@@ -91,8 +101,17 @@ def main(url: str) -> None:
             eventlet.sleep(0.01)
     report["casts"] = sorted(endpoint.casts)
 
-    server.stop()
-    server.wait()
+    listener = NotificationListener(transport, [Target(topic=topic)], [endpoint])
+    listener.start()
+    Notifier(transport, "peer", topics=[topic]).info({}, "peer.event", 5)
+    with eventlet.Timeout(WAIT):
+        while len(endpoint.casts) < 6:
+            eventlet.sleep(0.01)
+    report["notified"] = endpoint.casts[-1]
+
+    for service in (server, listener):
+        service.stop()
+        service.wait()
     transport.close()
     print(json.dumps(report), flush=True)
 

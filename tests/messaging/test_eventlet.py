@@ -33,3 +33,11 @@ def test_green_threads_call_a_server_in_the_same_process(default_router: Router)
     assert report["abandoned"] == "timeout"
     assert report["after_abandon"] == 42
     assert report["casts"] == [0, 1, 2, 3, 4]
+    assert report["notified"] == 5
+
+
+def test_meshbus_does_not_import_eventlet() -> None:
+    """Eventlet is looked for only where the application imported it (and then only if it patched)."""
+    probe = "import sys, meshbus.messaging; print('eventlet' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=PEER_TIMEOUT)
+    assert done.stdout.strip() == "False", done.stderr

@@ -9,9 +9,11 @@ It imports neither meshbus nor pytest: it runs under another interpreter. One ro
 
 Every line on stdout is a JSON object.
 - A server prints {"ready": true} once the router routes to it, then one line per request it takes (server,
-  method, args, ctxt). Its methods: echo(value), add(a, b), fail(message) raising ValueError, record(value).
-- A client sends each REQ, {"kind": "call"|"cast"|"fanout", "method": M, "args": {...}}, in turn and prints
-  {"result": ...} or {"error": {"class", "module", "message"}} for it.
+  method, args, ctxt). Its methods: echo(value), add(a, b), fail(message) raising ValueError, record(value),
+  sleep(seconds) returning the server's name after that long (a caller's call monitor gets heartbeats).
+- A client sends each REQ, {"kind": "call"|"cast"|"fanout", "method": M, "args": {...}, "prepare": {...}},
+  in turn and prints {"result": ...} or {"error": {"class", "module", "message"}} for it. "prepare"
+  (optional) holds RPCClient.prepare() overrides for that request: server, namespace, version, timeout...
 - A notifier sends each NOTE, {"priority": P, "event_type": E, "payload": ...}, with a RequestContext made
   from --context, and prints {"sent": P}.
 - A listener takes every priority of topic T, prints {"ready": true} once the router routes to it, then one
@@ -27,6 +29,7 @@ import functools
 import json
 import sys
 import threading
+import time
 from typing import Any
 
 import oslo_messaging as om
@@ -76,6 +79,11 @@ class Endpoint:
 
     def record(self, ctxt: dict[str, Any], value: Any) -> None:
         self._took(ctxt, "record", value=value)
+
+    def sleep(self, ctxt: dict[str, Any], seconds: float) -> str:
+        self._took(ctxt, "sleep", seconds=seconds)
+        time.sleep(seconds)
+        return self._server
 
 
 class Notifications:
@@ -142,11 +150,12 @@ def call(args: argparse.Namespace) -> None:
     client = om.get_rpc_client(transport, target, timeout=args.timeout)
     for request in map(json.loads, args.requests):
         kind, method, kwargs = request["kind"], request["method"], request.get("args", {})
+        prepared = client.prepare(fanout=kind == "fanout", **request.get("prepare", {}))
         try:
             if kind == "call":
-                emit({"result": client.call(args.context, method, **kwargs)})
+                emit({"result": prepared.call(args.context, method, **kwargs)})
             else:
-                client.prepare(fanout=kind == "fanout").cast(args.context, method, **kwargs)
+                prepared.cast(args.context, method, **kwargs)
                 emit({"result": None})
         except Exception as error:
             # A remote exception's text is its message followed by the remote traceback.

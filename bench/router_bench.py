@@ -39,7 +39,6 @@ LOCALHOST = "127.0.0.1"
 ONE_WAY_ADDRESS = "bench/oneway"
 RPC_ADDRESS = "bench/rpc"
 LISTENING = re.compile(r"listening on (\S+:\d+)")
-BUSY_POLL_US = 200
 # The router runs on one core of its own and the load clients on the others, as the peers' figures were
 # measured ("at one core"); without that, figures swing by a third as the scheduler mixes them.
 CPUS = sorted(os.sched_getaffinity(0))
@@ -372,13 +371,13 @@ def run_router(bench: Bench, ceilings: dict[str, float]) -> None:
                 Figure("router_cpu_per_msg", statistics.median(cpu_per_message), "us", runs=cpu_per_message)
             )
     with tempfile.TemporaryDirectory() as scratch:
-        # The router's latency knob for dedicated hosts: poll instead of sleeping after each burst.
-        polling = Path(scratch) / "busy-poll.toml"
-        polling.write_text(f"[router]\nbusy_poll = {BUSY_POLL_US}\n")
+        # The default polls instead of sleeping while traffic is dense (busy_poll); this is without.
+        sleeping = Path(scratch) / "no-busy-poll.toml"
+        sleeping.write_text("[router]\nbusy_poll = 0\n")
         for outstanding, name, argv in (
             (1, "rpc_1_outstanding", command),
             (16, "rpc_16_outstanding", command),
-            (16, f"rpc_16_outstanding_busy_poll_{BUSY_POLL_US}us", [*command, "--config", str(polling)]),
+            (16, "rpc_16_outstanding_no_busy_poll", [*command, "--config", str(sleeping)]),
         ):
             with router(argv) as (child, host_port):
                 results = sorted(bench.rpc(host_port, outstanding) for _ in range(bench.settings.repeat))

@@ -55,9 +55,10 @@ class RouterSettings(_Table):
     log_level: LogLevel = "info"
     # Relative to the configuration file's directory (`load_config` makes it absolute).
     users_file: Path | None = Field(default=None, strict=False)
-    # Microseconds to keep polling the sockets after each burst of traffic instead of sleeping: saves the
-    # wake-up latency (large in VMs) on dedicated router hosts, at the cost of up to that much CPU per burst.
-    busy_poll: int = Field(default=0, ge=0, le=100_000)
+    # Microseconds to keep polling the sockets after each burst of traffic instead of sleeping, while bursts
+    # arrive on average less than that apart: saves the wake-up latency (large in VMs) under dense traffic,
+    # at the cost of a busy core while it lasts; sparse traffic and idle routers sleep. 0 disables.
+    busy_poll: int = Field(default=200, ge=0, le=100_000)
 
 
 class ListenerConfig(_Table):

@@ -21,7 +21,10 @@ __all__ = [
 
 
 class MessagingError(Exception):
-    """Base of the library's own errors (connection errors derive from `ClientError`)."""
+    """Base of the library's own errors (connection errors derive from `ClientError`).
+
+    Those with fields keep their constructor's arguments as `args` and make their text in `__str__`, so
+    that a caller rebuilding one from a reply (`args`, as oslo.messaging sends them) gets the same fields."""
 
 
 class InvalidTarget(MessagingError, ValueError):
@@ -36,9 +39,14 @@ class MessageUndeliverable(MessagingError):
     """Nobody serves the address: the router gave the message back (released) at once."""
 
     def __init__(self, address: str, detail: str = "") -> None:
+        super().__init__(address, detail)
         self.address = address
-        super().__init__(
-            f"nobody serves {address}{detail}: start a server or listener for it, or check the target"
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return (
+            f"nobody serves {self.address}{self.detail}: "
+            "start a server or listener for it, or check the target"
         )
 
 
@@ -50,27 +58,36 @@ class RemoteError(MessagingError):
     """A server raised an exception whose type this process may not rebuild (not in allowed modules)."""
 
     def __init__(self, exc_type: str, value: str, traceback: str = "") -> None:
+        super().__init__(exc_type, value, traceback)
         self.exc_type = exc_type
         self.value = value
         self.traceback = traceback
-        super().__init__(f"remote error: {exc_type} {value}")
+
+    def __str__(self) -> str:
+        return f"remote error: {self.exc_type} {self.value}"
 
 
 class NoSuchMethod(MessagingError, AttributeError):
     """A request named a method that no endpoint of its namespace and version has (or a private one)."""
 
     def __init__(self, method: str) -> None:
+        super().__init__(method)
         self.method = method
-        super().__init__(f"endpoint does not support RPC method {method}")
+
+    def __str__(self) -> str:
+        return f"endpoint does not support RPC method {self.method}"
 
 
 class UnsupportedVersion(MessagingError):
     """No endpoint serves the request's namespace at a compatible version."""
 
     def __init__(self, version: str, method: str | None = None) -> None:
+        super().__init__(version, method)
         self.version = version
         self.method = method
-        super().__init__(f"endpoint does not support RPC version {version}. Attempted method: {method}")
+
+    def __str__(self) -> str:
+        return f"endpoint does not support RPC version {self.version}. Attempted method: {self.method}"
 
 
 class ExpectedException(Exception):

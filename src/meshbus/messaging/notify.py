@@ -173,20 +173,23 @@ class NotificationFilter:
 
     def match(
         self,
-        ctxt: Mapping[str, Any],
+        ctxt: Any,
         publisher_id: str | None,
         event_type: str | None,
         metadata: Mapping[str, Any],
         payload: Any,
     ) -> bool:
+        """Whether a notification passes. A context or payload that is not a mapping (a serializer's object)
+        has no fields: a rule on its fields does not match it."""
         if self.publisher_id and not self.publisher_id.match(publisher_id or ""):
             return False
         if self.event_type and not self.event_type.match(event_type or ""):
             return False
-        fields = dict(payload) if isinstance(payload, Mapping) else {}
+        context = ctxt if isinstance(ctxt, Mapping) else {}
+        fields = payload if isinstance(payload, Mapping) else {}
         return all(
             _matches(rules, values)
-            for rules, values in ((self.context, ctxt), (self.metadata, metadata), (self.payload, fields))
+            for rules, values in ((self.context, context), (self.metadata, metadata), (self.payload, fields))
         )
 
 
@@ -321,18 +324,22 @@ class AsyncNotificationListener:
 
     async def _dispatch(self, priority: str, messages: list[tuple[dict[str, Any], IncomingMessage]]) -> None:
         requeue = False
-        for endpoint in self.endpoints:
-            method = getattr(endpoint, priority, None)
-            if not callable(method):
-                continue
-            rule = getattr(endpoint, "filter_rule", None)
-            chosen = [n for n, _ in messages if rule is None or rule.match(**_filter_fields(n))]
-            if not chosen:
-                continue
-            calls = [(chosen,)] if self.batching else [_arguments(n) for n in chosen]
-            for arguments in calls:
-                result = await self._call(method, arguments)
-                requeue |= result == NotificationResult.REQUEUE and self.allow_requeue
+        try:
+            for endpoint in self.endpoints:
+                method = getattr(endpoint, priority, None)
+                if not callable(method):
+                    continue
+                rule = getattr(endpoint, "filter_rule", None)
+                chosen = [n for n, _ in messages if rule is None or rule.match(**_filter_fields(n))]
+                if not chosen:
+                    continue
+                calls = [(chosen,)] if self.batching else [_arguments(n) for n in chosen]
+                for arguments in calls:
+                    result = await self._call(method, arguments)
+                    requeue |= result == NotificationResult.REQUEUE and self.allow_requeue
+        except Exception:
+            # A notification left unsettled would hold its credit, and its notifier, until the time-out.
+            log.exception("%s notifications could not be dispatched; they count as handled", priority)
         for _, message in messages:
             if requeue:
                 message.release()
@@ -362,7 +369,7 @@ def _arguments(notification: dict[str, Any]) -> tuple[Any, ...]:
 
 def _filter_fields(notification: dict[str, Any]) -> dict[str, Any]:
     return {
-        "ctxt": notification["ctxt"] or {},
+        "ctxt": notification["ctxt"],
         "publisher_id": notification["publisher_id"],
         "event_type": notification["event_type"],
         "metadata": notification["metadata"],

@@ -56,6 +56,19 @@ def expected_exceptions(*exceptions: type[BaseException]) -> Callable[[F], F]:
     caller as usual, without logging a traceback."""
 
     def decorate(method: F) -> F:
+        # A coroutine method raises when awaited, so its wrapper must be a coroutine function too (which
+        # also keeps the server awaiting it on the loop instead of calling it in the executor).
+        if inspect.iscoroutinefunction(method):
+
+            @functools.wraps(method)
+            async def awaiting(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await method(*args, **kwargs)
+                except exceptions as error:
+                    raise ExpectedException((type(error), error, error.__traceback__)) from error
+
+            return awaiting  # type: ignore[return-value]
+
         @functools.wraps(method)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:

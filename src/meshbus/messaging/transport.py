@@ -109,9 +109,12 @@ def _split_host(address: str, url: str) -> tuple[str, int]:
     else:
         host, _, port = address.partition(":")
     try:
-        return host or "127.0.0.1", int(port) if port else DEFAULT_PORT
+        number = int(port) if port else DEFAULT_PORT
     except ValueError:
         raise ValueError(f"transport URL {url!r}: port {port!r} is not a number") from None
+    if not 0 < number < 65536:
+        raise ValueError(f"transport URL {url!r}: port {number} is out of range (1 to 65535)")
+    return host or "127.0.0.1", number
 
 
 @dataclass(slots=True)
@@ -226,8 +229,8 @@ class AsyncTransport:
         except MessagingTimeout:
             raise  # the call monitor's, worded already
         except TimeoutError:
-            stage = "a reply" if pending.taken else "a server to take the request"
-            raise MessagingTimeout(f"{address}: no {stage} within {timeout} s") from None
+            stage = "no reply" if pending.taken else "no server took the request"
+            raise MessagingTimeout(f"{address}: {stage} within {timeout} s") from None
         finally:
             del self._calls[message_id]
 

@@ -1,0 +1,173 @@
+"""How the library uses its connection, through a real router: many calls on one connection and one reply
+link, fast failure when nobody serves an address, at-least-once and fire-and-forget casts, acknowledgement,
+and a receiver the router refuses."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from meshbus.messaging import (
+    AsyncRPCClient,
+    LinkRefused,
+    MessageUndeliverable,
+    MessagingTimeout,
+    Target,
+    wire,
+)
+from tests.conftest import Config, Router
+from tests.messaging.conftest import WAIT, Api, AsyncioApi, BlockingApi, url_of
+from tests.messaging.test_rpc import Service, serve
+
+FAST = 5.0  # seconds: a generous bound for "at once", far below the 30 s time-out the clients are given
+
+
+class Gathering:
+    """Holds each call until `size` calls are in progress at once: only pipelined calls get through."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.in_progress = 0
+        self.full: asyncio.Event | None = None
+
+    async def square(self, ctxt: Any, n: int) -> int:
+        if self.full is None:
+            self.full = asyncio.Event()
+        self.in_progress += 1
+        if self.in_progress >= self.size:
+            self.full.set()
+        await asyncio.wait_for(self.full.wait(), WAIT)
+        return n * n
+
+
+def test_100_concurrent_asyncio_calls_share_one_connection_and_one_reply_link(
+    aio: AsyncioApi, topic: str
+) -> None:
+    aio.server(aio.transport(), Target(topic=topic, server="s"), [Gathering(size=20)])
+    transport = aio.transport()
+
+    async def call_100() -> list[Any]:
+        client = AsyncRPCClient(transport.aio, Target(topic=topic))
+        return list(await asyncio.gather(*(client.call({}, "square", n=n) for n in range(100))))
+
+    assert aio.run(call_100()) == [n * n for n in range(100)]
+    connection = transport.aio.connection
+    assert len(connection._receivers) == 1, "the client's only receiver is its reply link"
+    assert list(connection._senders) == [wire.rpc_address(Target(topic=topic))]
+
+
+def test_16_threads_call_through_one_blocking_transport(blocking: BlockingApi, topic: str) -> None:
+    serve(blocking, topic)
+    transport = blocking.transport()
+    client = blocking.client(transport, Target(topic=topic))
+
+    def calls(thread: int) -> list[Any]:
+        return [client.call({}, "echo", value=[thread, n]) for n in range(25)]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as threads:
+        results = list(threads.map(calls, range(16)))
+    assert results == [[[thread, n] for n in range(25)] for thread in range(16)]
+    assert len(transport.aio.connection._receivers) == 1, "the client's only receiver is its reply link"
+
+
+# -- fast failure --------------------------------------------------------------------------------------------
+
+
+def fails_at_once(action: Callable[[], object], address: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(MessageUndeliverable) as undeliverable:
+        action()
+    assert time.monotonic() - started < FAST, "nobody serving the address was noticed only at the time-out"
+    assert undeliverable.value.address == address
+    assert f"nobody serves {address}" in str(undeliverable.value)
+
+
+def test_a_call_cast_or_notification_nobody_serves_fails_at_once(api: Api, topic: str) -> None:
+    transport = api.transport()
+    client = api.client(transport, Target(topic=topic), timeout=30.0)
+    fails_at_once(lambda: client.call({}, "echo", value=1), wire.rpc_address(Target(topic=topic)))
+    fails_at_once(lambda: client.cast({}, "echo", value=1), wire.rpc_address(Target(topic=topic)))
+    fanout = client.prepare(fanout=True)
+    fails_at_once(
+        lambda: fanout.cast({}, "echo", value=1), wire.rpc_address(Target(topic=topic, fanout=True))
+    )
+    notifier = api.notifier(transport, "test", topics=[topic], timeout=30.0)
+    fails_at_once(
+        lambda: notifier.info({}, "nobody.listens", {}), wire.notify_address(Target(topic=topic), "info")
+    )
+
+
+def test_a_call_fails_at_once_after_its_server_stopped(api: Api, topic: str) -> None:
+    transport = api.transport()
+    server = api.server(transport, Target(topic=topic, server="s"), [Service()])
+    client = api.client(api.transport(), Target(topic=topic), timeout=30.0)
+    assert client.call({}, "echo", value=1) == 1
+    server.stop()
+    server.wait()
+    fails_at_once(lambda: client.call({}, "echo", value=2), wire.rpc_address(Target(topic=topic)))
+
+
+# -- acknowledgement -----------------------------------------------------------------------------------------
+
+
+def test_fire_and_forget_returns_without_an_outcome_and_still_arrives(api: Api, topic: str) -> None:
+    client = api.client(api.transport(), Target(topic=topic), at_least_once=False, timeout=30.0)
+    client.cast({}, "record", n=0)  # nobody serves it: dropped, and nobody is told
+    endpoint = serve(api, topic)
+    client.cast({}, "record", n=1)
+    assert endpoint.inbox.wait_for(1) == [("server", 1)]
+
+
+def test_an_at_least_once_cast_returns_once_a_server_took_it(api: Api, topic: str) -> None:
+    """A server takes at most `max_in_progress` requests per address: with its one request in progress, it
+    takes no other, so a fire-and-forget cast returns at once while an at-least-once cast waits."""
+    endpoint = serve(api, topic, max_in_progress=1)
+    client = api.client(api.transport(), Target(topic=topic), timeout=30.0)
+    client.cast({}, "hold")  # taken: it returns while the endpoint holds it
+    client.prepare(at_least_once=False).cast({}, "hold")
+    with pytest.raises(MessagingTimeout, match=r"not taken within 0\.5 s"):
+        client.prepare(timeout=0.5).cast({}, "hold")
+    assert endpoint.inbox.items == []
+    endpoint.gate.set()
+    # The router kept what the server could not take yet: all three arrive.
+    assert endpoint.inbox.wait_for(3) == [("server", "held")] * 3
+
+
+# -- refusal -------------------------------------------------------------------------------------------------
+
+
+class InfoOnly:
+    def info(self, ctxt: Any, publisher_id: str, event_type: str, payload: Any, metadata: Any) -> None:
+        pass
+
+
+REFUSED: Config = {
+    "address": [
+        {"prefix": "openstack.org/om/rpc/anycast/openstack/refused", "distribution": "unavailable"},
+        {"prefix": "openstack.org/om/notify/anycast/openstack/refused", "distribution": "unavailable"},
+    ]
+}
+
+
+def test_a_receiver_the_router_refuses_fails_the_start(api: Api, router: Callable[[Config], Router]) -> None:
+    transport = api.transport(url_of(router(REFUSED)))
+    anycast = wire.rpc_address(Target(topic="refused"))
+    with pytest.raises(
+        LinkRefused, match=re.escape(f"refused the receiver for {anycast}: amqp:not-found")
+    ) as refused:
+        api.server(transport, Target(topic="refused", server="s"), [Service()])
+    assert "configured unavailable" in str(refused.value)
+    with pytest.raises(
+        LinkRefused,
+        match=re.escape("refused the receiver for openstack.org/om/notify/anycast/openstack/refused"),
+    ):
+        api.listener(transport, [Target(topic="refused")], [InfoOnly()])
+    # The connection is still good for the addresses the router serves.
+    api.server(transport, Target(topic="served", server="s"), [Service()])
+    assert api.client(transport, Target(topic="served")).call({}, "echo", value="ok") == "ok"

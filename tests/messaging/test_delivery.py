@@ -163,6 +163,11 @@ def test_a_receiver_the_router_refuses_fails_the_start(api: Api, router: Callabl
     ) as refused:
         api.server(transport, Target(topic="refused", server="s"), [Service()])
     assert "configured unavailable" in str(refused.value)
+    # Its own address was not refused, but a server that failed to start serves nothing.
+    fails_at_once(
+        lambda: api.client(transport, Target(topic="refused", server="s"), timeout=30.0).call({}, "whoami"),
+        wire.rpc_address(Target(topic="refused", server="s")),
+    )
     with pytest.raises(
         LinkRefused,
         match=re.escape("refused the receiver for openstack.org/om/notify/anycast/openstack/refused"),

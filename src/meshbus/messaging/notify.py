@@ -268,7 +268,11 @@ class AsyncNotificationListener:
                 self._receivers.append(
                     connection.receive(address, handler, credit=self.credit, pool=self.pool)
                 )
-        await asyncio.gather(*(receiver.ready() for receiver in self._receivers))
+        try:
+            await asyncio.gather(*(receiver.ready() for receiver in self._receivers))
+        except BaseException:
+            await self.stop()  # a refused address: the others take nothing either, and start() may be retried
+            raise
 
     async def stop(self) -> None:
         """Take no more notifications; those held in a batch are dispatched now."""

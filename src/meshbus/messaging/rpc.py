@@ -295,7 +295,11 @@ class AsyncRPCServer:
             connection.receive(address, self._on_request, credit=self.max_in_progress)
             for address in self.addresses
         ]
-        await asyncio.gather(*(receiver.ready() for receiver in self._receivers))
+        try:
+            await asyncio.gather(*(receiver.ready() for receiver in self._receivers))
+        except BaseException:
+            await self.stop()  # a refused address: the others take nothing either, and start() may be retried
+            raise
 
     async def stop(self) -> None:
         """Take no more requests (those in progress carry on; see `wait`)."""

@@ -76,6 +76,21 @@ def test_16_threads_call_through_one_blocking_transport(blocking: BlockingApi, t
     assert len(transport.aio.connection._receivers) == 1, "the client's only receiver is its reply link"
 
 
+def test_a_sender_link_idle_longer_than_its_time_out_is_closed(blocking: BlockingApi, topic: str) -> None:
+    serve(blocking, topic)
+    # Idle senders are swept on the connection's timer, at proton's next deadline (within idle_timeout).
+    transport = blocking.transport(blocking.url + "?sender_idle_timeout=0.1&idle_timeout=2")
+    client = blocking.client(transport, Target(topic=topic))
+    assert client.call({}, "echo", value=1) == 1
+    connection = transport.aio.connection
+    assert list(connection._senders) == [wire.rpc_address(Target(topic=topic))]
+    deadline = time.monotonic() + WAIT
+    while connection._senders and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not connection._senders, "the idle sender link was not closed"
+    assert client.call({}, "echo", value=2) == 2, "no new link after the idle one closed"
+
+
 # -- fast failure --------------------------------------------------------------------------------------------
 
 
@@ -155,7 +170,7 @@ REFUSED: Config = {
 }
 
 
-def test_a_receiver_the_router_refuses_fails_the_start(api: Api, router: Callable[[Config], Router]) -> None:
+def test_a_receiver_the_router_refuses_fails_the_start(router: Callable[[Config], Router], api: Api) -> None:
     transport = api.transport(url_of(router(REFUSED)))
     anycast = wire.rpc_address(Target(topic="refused"))
     with pytest.raises(

@@ -3,6 +3,7 @@ batches, pools, requeue, serializers; and NotificationFilter on its own."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -15,7 +16,7 @@ from meshbus.messaging import (
     NotificationResult,
     Target,
 )
-from tests.messaging.conftest import Api, Inbox
+from tests.messaging.conftest import WAIT, Api, Inbox
 from tests.messaging.test_rpc import Money, MoneySerializer, RequestContext
 
 PRIORITIES = ["audit", "debug", "info", "warn", "error", "critical", "sample"]
@@ -313,3 +314,44 @@ def test_a_notification_whose_dispatch_fails_is_still_acknowledged(
     api.notifier(api.transport(), "p", topics=[topic], timeout=30.0).info({}, "e", "x")
     assert broken.inbox.items == []
     assert len(listener_errors(caplog)) == 1
+
+
+# -- stopping -----------------------------------------------------------------------------------------------
+
+
+class HeldInfo:
+    """Holds each notification until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.go = threading.Event()
+        self.calls = 0
+
+    def info(self, ctxt: Any, publisher_id: str, event_type: str, payload: Any, metadata: Any) -> None:
+        self.calls += 1
+        self.started.set()
+        assert self.go.wait(WAIT)
+
+
+def test_a_listener_stopped_mid_work_still_acknowledges_what_it_took(api: Api, topic: str) -> None:
+    endpoint = HeldInfo()
+    listener = api.listener(api.transport(), [Target(topic=topic)], [endpoint])
+    notifier = api.notifier(api.transport(), "p", topics=[topic], timeout=30.0)
+    outcome: list[object] = []
+
+    def notify() -> None:
+        try:
+            notifier.info({}, "e", "in work")
+            outcome.append("taken")
+        except Exception as error:
+            outcome.append(error)
+
+    sent = threading.Thread(target=notify)
+    sent.start()
+    assert endpoint.started.wait(WAIT)
+    listener.stop()  # takes nothing more; the notification in work must still be acknowledged
+    endpoint.go.set()
+    listener.wait()
+    sent.join(WAIT)
+    assert outcome == ["taken"]  # the notifier got its acceptance: no resend, no MessageUndeliverable
+    assert endpoint.calls == 1

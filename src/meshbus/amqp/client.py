@@ -122,7 +122,7 @@ class IncomingMessage:
         """The work an `accept(hold_credit=True)` started is done: its credit goes back to the router."""
         if self._credit_held:
             self._credit_held = False
-            if self._generation == self._receiver._conn._generation:
+            if self._generation == self._receiver._conn._generation and self._receiver.link != ffi.NULL:
                 self._receiver._settled()
                 self._receiver._conn._flush_soon()
 
@@ -143,8 +143,14 @@ class IncomingMessage:
         error: Condition | None = None,
     ) -> None:
         delivery, self._delivery = self._delivery, ffi.NULL
-        # After a reconnect the router has already released it back: nothing left to settle.
-        if delivery == ffi.NULL or self._generation != self._receiver._conn._generation:
+        # After a reconnect, or once its receiver is closed, the router has released it back (or will):
+        # nothing is left to settle, and the link may be freed.
+        receiver = self._receiver
+        if (
+            delivery == ffi.NULL
+            or self._generation != receiver._conn._generation
+            or receiver.link == ffi.NULL
+        ):
             return
         if state == lib.PN_MODIFIED:
             disposition = lib.pn_delivery_local(delivery)
@@ -178,6 +184,7 @@ class Receiver:
         self.link: CData = ffi.NULL
         self._owed = 0  # credit to give back once enough has been settled
         self._ready: asyncio.Future[str] = conn._loop.create_future()
+        self.paused = False
         self.closed = False
 
     @property
@@ -190,13 +197,25 @@ class Receiver:
         """Wait for the router to confirm the attach; the address it receives from."""
         return await asyncio.shield(self._ready)
 
+    def pause(self) -> None:
+        """Take no more messages: the router is asked to take back the credit (drain), and what arrives
+        meanwhile is released at once. Messages already taken can still be settled until `close()`."""
+        if self.paused:
+            return
+        self.paused = True
+        if self.link != ffi.NULL:
+            lib.pn_link_drain(self.link, 0)
+            self._conn._flush()
+
     def close(self) -> None:
+        """Detach: messages not yet settled go back to the router, which releases them."""
         if self.closed:
             return
         self.closed = True
         self._conn._receivers.discard(self)
-        if self.link != ffi.NULL:
-            lib.pn_link_close(self.link)
+        link, self.link = self.link, ffi.NULL
+        if link != ffi.NULL:
+            lib.pn_link_close(link)
             self._conn._flush()
 
     def _detached(self) -> None:
@@ -213,6 +232,7 @@ class Receiver:
 
     def _refused(self, error: LinkRefused) -> None:
         self.closed = True
+        self.link = ffi.NULL
         self._conn._receivers.discard(self)
         if self._ready.done():
             self._ready = self._conn._loop.create_future()
@@ -221,7 +241,7 @@ class Receiver:
 
     def _settled(self) -> None:
         self._owed += 1
-        if self._owed * 4 >= self.credit and self.link != ffi.NULL:
+        if self._owed * 4 >= self.credit and self.link != ffi.NULL and not self.paused:
             lib.pn_link_flow(self.link, self._owed)
             self._owed = 0
 
@@ -566,7 +586,7 @@ class ClientConnection:
         owner = self._links.get(link)
         payload = _read(link, delivery, self._out)
         lib.pn_link_advance(link)
-        if not isinstance(owner, Receiver) or owner.closed:
+        if not isinstance(owner, Receiver) or owner.closed or owner.paused:
             lib.pn_delivery_update(delivery, lib.PN_RELEASED)
             lib.pn_delivery_settle(delivery)
             return
@@ -595,7 +615,8 @@ class ClientConnection:
             lib.pn_data_exit(properties)
         lib.pn_link_set_rcv_settle_mode(link, lib.PN_RCV_FIRST)
         lib.pn_link_open(link)
-        lib.pn_link_flow(link, receiver.credit)
+        if not receiver.paused:
+            lib.pn_link_flow(link, receiver.credit)
         receiver.link = link
         self._links[link] = receiver
 

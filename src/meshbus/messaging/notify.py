@@ -23,11 +23,17 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, Final, Generic, TypeVar
 
-from meshbus.amqp.client import IncomingMessage, Receiver
+from meshbus.amqp.client import IncomingMessage
 from meshbus.messaging import wire
 from meshbus.messaging.serializer import Serializer
 from meshbus.messaging.target import Target
-from meshbus.messaging.transport import AsyncTransport, BlockingService, Transport
+from meshbus.messaging.transport import (
+    AsyncService,
+    AsyncTransport,
+    BlockingService,
+    Subscription,
+    Transport,
+)
 
 log = logging.getLogger("meshbus.messaging.notify")
 
@@ -212,7 +218,7 @@ class _Batch:
         self.timer: asyncio.TimerHandle | None = None
 
 
-class AsyncNotificationListener:
+class AsyncNotificationListener(AsyncService):
     """Receives the notifications of `targets` (topics) for every priority some endpoint has a method for,
     and calls `method(ctxt, publisher_id, event_type, payload, metadata)` on each endpoint whose
     `filter_rule` (a `NotificationFilter`, optional) lets it through.
@@ -236,7 +242,7 @@ class AsyncNotificationListener:
         batch_timeout: float | None = None,
         credit: int = 100,
     ) -> None:
-        self.transport = transport
+        super().__init__(transport)
         self.targets = list(targets)
         self.endpoints = list(endpoints)
         self.pool = pool
@@ -252,39 +258,25 @@ class AsyncNotificationListener:
         ]
         if not self.priorities:
             raise ValueError(f"no endpoint has a method for any priority ({', '.join(PRIORITIES)})")
-        self._receivers: list[Receiver] = []
         self._batches: dict[str, _Batch] = {}
-        self._in_progress: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        """Attach to every target's address of every served priority; returns once the router confirmed."""
-        if self._receivers:
-            return
-        connection = self.transport.connection
-        for target in self.targets:
-            for priority in self.priorities:
-                address = wire.notify_address(target, priority, self.transport.default_exchange)
-                handler = functools.partial(self._on_notification, priority)
-                self._receivers.append(
-                    connection.receive(address, handler, credit=self.credit, pool=self.pool)
-                )
-        try:
-            await asyncio.gather(*(receiver.ready() for receiver in self._receivers))
-        except BaseException:
-            await self.stop()  # a refused address: the others take nothing either, and start() may be retried
-            raise
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            Subscription(
+                wire.notify_address(target, priority, self.transport.default_exchange),
+                functools.partial(self._on_notification, priority),
+                self.credit,
+                self.pool,
+            )
+            for target in self.targets
+            for priority in self.priorities
+        ]
 
     async def stop(self) -> None:
         """Take no more notifications; those held in a batch are dispatched now."""
-        receivers, self._receivers = self._receivers, []
-        for receiver in receivers:
-            receiver.close()
+        await super().stop()
         for priority in list(self._batches):
             self._flush(priority)
-
-    async def wait(self) -> None:
-        while self._in_progress:
-            await asyncio.gather(*self._in_progress, return_exceptions=True)
 
     def _on_notification(self, priority: str, message: IncomingMessage) -> None:
         try:
@@ -303,7 +295,7 @@ class AsyncNotificationListener:
             "metadata": {"message_id": body.get("message_id"), "timestamp": body.get("timestamp")},
         }
         if not self.batching:
-            self._run(priority, [(notification, message)])
+            self.run(self._dispatch(priority, [(notification, message)]))
             return
         batch = self._batches.setdefault(priority, _Batch())
         batch.messages.append((notification, message))
@@ -319,12 +311,7 @@ class AsyncNotificationListener:
             return
         if batch.timer is not None:
             batch.timer.cancel()
-        self._run(priority, batch.messages)
-
-    def _run(self, priority: str, messages: list[tuple[dict[str, Any], IncomingMessage]]) -> None:
-        task = asyncio.get_running_loop().create_task(self._dispatch(priority, messages))
-        self._in_progress.add(task)
-        task.add_done_callback(self._in_progress.discard)
+        self.run(self._dispatch(priority, batch.messages))
 
     async def _dispatch(self, priority: str, messages: list[tuple[dict[str, Any], IncomingMessage]]) -> None:
         requeue = False

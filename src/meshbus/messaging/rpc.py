@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeVar
 
-from meshbus.amqp.client import IncomingMessage, Receiver
+from meshbus.amqp.client import IncomingMessage
 from meshbus.messaging import exceptions, wire
 from meshbus.messaging.exceptions import (
     ExpectedException,
@@ -31,7 +31,13 @@ from meshbus.messaging.exceptions import (
 )
 from meshbus.messaging.serializer import Serializer
 from meshbus.messaging.target import Target
-from meshbus.messaging.transport import AsyncTransport, BlockingService, Transport
+from meshbus.messaging.transport import (
+    AsyncService,
+    AsyncTransport,
+    BlockingService,
+    Subscription,
+    Transport,
+)
 
 log = logging.getLogger("meshbus.messaging.rpc")
 
@@ -256,7 +262,7 @@ class Dispatcher:
         raise UnsupportedVersion(version, method)
 
 
-class AsyncRPCServer:
+class AsyncRPCServer(AsyncService):
     """Serves requests to `target` (topic and server name required) with `endpoints`, on an
     `AsyncTransport`. It listens on three addresses: its own (calls to this server), the topic's anycast
     (shared with the other servers of the topic) and the topic's fanout.
@@ -276,41 +282,16 @@ class AsyncRPCServer:
         executor: concurrent.futures.Executor | None = None,
         max_in_progress: int = 64,
     ) -> None:
-        self.transport = transport
+        super().__init__(transport)
         self.target = target
         self.dispatcher = Dispatcher(endpoints)
         self.serializer = serializer or Serializer()
         self.executor = executor
         self.max_in_progress = max_in_progress
-        self._receivers: list[Receiver] = []
-        self._in_progress: set[asyncio.Task[None]] = set()
         self.addresses = wire.server_addresses(target, transport.default_exchange)
 
-    async def start(self) -> None:
-        """Attach to the server's addresses; returns once the router has confirmed all three."""
-        if self._receivers:
-            return
-        connection = self.transport.connection
-        self._receivers = [
-            connection.receive(address, self._on_request, credit=self.max_in_progress)
-            for address in self.addresses
-        ]
-        try:
-            await asyncio.gather(*(receiver.ready() for receiver in self._receivers))
-        except BaseException:
-            await self.stop()  # a refused address: the others take nothing either, and start() may be retried
-            raise
-
-    async def stop(self) -> None:
-        """Take no more requests (those in progress carry on; see `wait`)."""
-        receivers, self._receivers = self._receivers, []
-        for receiver in receivers:
-            receiver.close()
-
-    async def wait(self) -> None:
-        """Wait until every request taken so far has been answered."""
-        while self._in_progress:
-            await asyncio.gather(*self._in_progress, return_exceptions=True)
+    def subscriptions(self) -> list[Subscription]:
+        return [Subscription(address, self._on_request, self.max_in_progress) for address in self.addresses]
 
     def _on_request(self, message: IncomingMessage) -> None:
         try:
@@ -320,9 +301,7 @@ class AsyncRPCServer:
             message.reject("amqp:decode-error", f"not a meshbus/oslo request: {error}")
             return
         message.accept(hold_credit=True)
-        task = asyncio.get_running_loop().create_task(self._handle(incoming, message))
-        self._in_progress.add(task)
-        task.add_done_callback(self._in_progress.discard)
+        self.run(self._handle(incoming, message))
 
     async def _handle(self, incoming: wire.Incoming, message: IncomingMessage) -> None:
         heartbeats = self._heartbeats(incoming)

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 from meshbus.amqp.client import (
@@ -338,10 +338,66 @@ class Transport:
         self.close()
 
 
-class AsyncService(Protocol):
-    async def start(self) -> None: ...
-    async def stop(self) -> None: ...
-    async def wait(self) -> None: ...
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    address: str
+    handler: Callable[[IncomingMessage], None]
+    credit: int
+    pool: str | None = None
+
+
+class AsyncService:
+    """What RPC servers and notification listeners share: receivers on their addresses, work in progress,
+    and the life cycle. `start()` attaches (all or none); `stop()` takes nothing more (the receivers are
+    paused, so what is in work can still be acknowledged); `wait()` waits for the work, then detaches."""
+
+    def __init__(self, transport: AsyncTransport) -> None:
+        self.transport = transport
+        self._receivers: list[Receiver] = []
+        self._stopped: list[Receiver] = []
+        self._in_progress: set[asyncio.Task[None]] = set()
+
+    def subscriptions(self) -> list[Subscription]:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Attach to every address; returns once the router has confirmed them all."""
+        if self._receivers:
+            return
+        connection = self.transport.connection
+        self._receivers = [
+            connection.receive(s.address, s.handler, credit=s.credit, pool=s.pool)
+            for s in self.subscriptions()
+        ]
+        try:
+            await asyncio.gather(*(receiver.ready() for receiver in self._receivers))
+        except BaseException:
+            # A refused address: the others take nothing either, and start() may be retried.
+            receivers, self._receivers = self._receivers, []
+            for receiver in receivers:
+                receiver.close()
+            raise
+
+    async def stop(self) -> None:
+        """Take no more messages; those in work carry on (see `wait`)."""
+        self._stopped += self._receivers
+        self._receivers = []
+        for receiver in self._stopped:
+            receiver.pause()
+
+    async def wait(self) -> None:
+        """Wait until every message taken so far has been handled and acknowledged, then detach."""
+        while self._in_progress:
+            await asyncio.gather(*self._in_progress, return_exceptions=True)
+        stopped, self._stopped = self._stopped, []
+        for receiver in stopped:
+            receiver.close()
+
+    def run(self, work: Coroutine[Any, Any, None]) -> None:
+        """Handle a message in a task of its own, counted as work in progress."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._in_progress.add(task)
+        task.add_done_callback(self._in_progress.discard)
 
 
 class BlockingService:

@@ -240,13 +240,21 @@ class Dispatcher:
 
     def __init__(self, endpoints: Iterable[object]) -> None:
         self.endpoints = [(getattr(endpoint, "target", None) or Target(), endpoint) for endpoint in endpoints]
+        self._found: dict[tuple[Any, Any, Any], tuple[Callable[..., Any], bool]] = {}
 
-    def find(self, request: dict[str, Any]) -> Callable[..., Any]:
-        method = request.get("method")
+    def find(self, request: dict[str, Any]) -> tuple[Callable[..., Any], bool]:
+        """The method a request names, and whether it is a coroutine function."""
+        key = (request.get("method"), request.get("namespace"), request.get("version"))
+        found = self._found.get(key)
+        if found is None:
+            method = self._search(*key)
+            found = self._found[key] = (method, inspect.iscoroutinefunction(method))
+        return found
+
+    def _search(self, method: Any, namespace: Any, version: Any) -> Callable[..., Any]:
         if not isinstance(method, str) or not method:
             raise NoSuchMethod(str(method))
-        namespace = request.get("namespace")
-        version = request.get("version") or DEFAULT_VERSION
+        version = version or DEFAULT_VERSION
         served = False
         for target, endpoint in self.endpoints:
             if target.namespace != namespace:
@@ -301,30 +309,85 @@ class AsyncRPCServer(AsyncService):
             message.reject("amqp:decode-error", f"not a meshbus/oslo request: {error}")
             return
         message.accept(hold_credit=True)
-        self.run(self._handle(incoming, message))
-
-    async def _handle(self, incoming: wire.Incoming, message: IncomingMessage) -> None:
         heartbeats = self._heartbeats(incoming)
         try:
-            failure = None
-            try:
-                result = await self._dispatch(incoming)
-            except ExpectedException as expected:
-                failure = wire.serialize_exception(expected.exc_info[1])
-            except Exception as error:
-                if not isinstance(error, NoSuchMethod | UnsupportedVersion):
-                    log.exception("%s: %s failed", self.target, incoming.body.get("method"))
-                failure = wire.serialize_exception(error)
-            if incoming.reply_to and incoming.message_id:
-                if failure is None:
-                    payload = wire.encode_reply(incoming.reply_to, incoming.message_id, result=result)
-                else:
-                    payload = wire.encode_reply(incoming.reply_to, incoming.message_id, failure=failure)
-                self.transport.reply(payload)
-        finally:
-            if heartbeats is not None:
-                heartbeats.cancel()
-            message.finished()
+            method, is_coroutine = self.dispatcher.find(incoming.body)
+        except (NoSuchMethod, UnsupportedVersion) as error:
+            self._finish(message, heartbeats, self._reply(incoming, failure=wire.serialize_exception(error)))
+            return
+        if is_coroutine:
+            self.run(self._handle_coroutine(incoming, message, heartbeats, method))
+            return
+        # A plain method runs in the executor, with everything around it but the sending: no task, and
+        # one hop back to the loop.
+        if self.executor is None:
+            self.executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="meshbus-rpc")
+        loop = asyncio.get_running_loop()
+        self.begin()
+        job = self.executor.submit(self._handle_plain, incoming, method)
+        job.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._finish, message, heartbeats, done.result(), True)
+        )
+
+    def _handle_plain(self, incoming: wire.Incoming, method: Callable[..., Any]) -> bytes | None:
+        """In a worker thread: the call, and the reply it makes (None for a cast)."""
+        try:
+            ctxt, args = self._arguments(incoming)
+            result = self.serializer.serialize_entity(ctxt, method(ctxt, **args))
+        except Exception as error:
+            return self._reply(incoming, failure=self._failure(incoming, error))
+        return self._reply(incoming, result=result)
+
+    async def _handle_coroutine(
+        self,
+        incoming: wire.Incoming,
+        message: IncomingMessage,
+        heartbeats: asyncio.Task[None] | None,
+        method: Callable[..., Any],
+    ) -> None:
+        try:
+            ctxt, args = self._arguments(incoming)
+            result = self.serializer.serialize_entity(ctxt, await method(ctxt, **args))
+            reply = self._reply(incoming, result=result)
+        except Exception as error:
+            reply = self._reply(incoming, failure=self._failure(incoming, error))
+        self._finish(message, heartbeats, reply)
+
+    def _arguments(self, incoming: wire.Incoming) -> tuple[Any, dict[str, Any]]:
+        ctxt = self.serializer.deserialize_context(incoming.context)
+        args = {
+            name: self.serializer.deserialize_entity(ctxt, value)
+            for name, value in (incoming.body.get("args") or {}).items()
+        }
+        return ctxt, args
+
+    def _failure(self, incoming: wire.Incoming, error: Exception) -> str:
+        if isinstance(error, ExpectedException):
+            return wire.serialize_exception(error.exc_info[1])
+        log.exception("%s: %s failed", self.target, incoming.body.get("method"))
+        return wire.serialize_exception(error)
+
+    @staticmethod
+    def _reply(incoming: wire.Incoming, *, result: Any = None, failure: str | None = None) -> bytes | None:
+        if not incoming.reply_to or not incoming.message_id:
+            return None  # a cast
+        return wire.encode_reply(incoming.reply_to, incoming.message_id, result=result, failure=failure)
+
+    def _finish(
+        self,
+        message: IncomingMessage,
+        heartbeats: asyncio.Task[None] | None,
+        reply: bytes | None,
+        counted: bool = False,
+    ) -> None:
+        """On the loop: send the reply, stop the heartbeats, give the credit back."""
+        if reply is not None:
+            self.transport.reply(reply)
+        if heartbeats is not None:
+            heartbeats.cancel()
+        message.finished()
+        if counted:
+            self.end()
 
     def _heartbeats(self, incoming: wire.Incoming) -> asyncio.Task[None] | None:
         """For a monitored call, a task sending its caller a heartbeat every half of its monitor interval."""
@@ -339,20 +402,6 @@ class AsyncRPCServer(AsyncService):
                 self.transport.reply(heartbeat)
 
         return asyncio.get_running_loop().create_task(beat())
-
-    async def _dispatch(self, incoming: wire.Incoming) -> Any:
-        method = self.dispatcher.find(incoming.body)
-        ctxt = self.serializer.deserialize_context(incoming.context)
-        args = {
-            name: self.serializer.deserialize_entity(ctxt, value)
-            for name, value in (incoming.body.get("args") or {}).items()
-        }
-        if inspect.iscoroutinefunction(method):
-            result = await method(ctxt, **args)
-        else:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.executor, functools.partial(method, ctxt, **args))
-        return self.serializer.serialize_entity(ctxt, result)
 
 
 class RPCServer(BlockingService):

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 from meshbus.amqp.client import (
@@ -152,6 +154,9 @@ class AsyncTransport:
         self.connection = ClientConnection(parsed.hosts, parsed.connection_options())
         self.connection.on_lost.append(self._connection_lost)
         self._calls: dict[str, _PendingCall] = {}
+        # Message ids unique across processes and restarts without a uuid per call.
+        self._id_prefix = f"{uuid.uuid4().hex[:16]}-"
+        self._ids = itertools.count()
         self._replies: Receiver | None = None
 
     async def close(self) -> None:
@@ -206,7 +211,7 @@ class AsyncTransport:
         `timeout` seconds (or, with `call_monitor_timeout`, once the server that took the request has sent
         no heartbeat for that long), `MessageUndeliverable` at once when nobody serves `address`, and
         `OutcomeUnknown` when the connection drops after the server took the request."""
-        message_id = uuid.uuid4().hex
+        message_id = f"{self._id_prefix}{next(self._ids)}"
         pending = self._calls[message_id] = _PendingCall(asyncio.get_running_loop().create_future())
 
         async def encode() -> bytes:
@@ -292,6 +297,26 @@ def _detail(outcome: Outcome) -> str:
     return "" if outcome.state != MODIFIED else " (its consumer could not take it here)"
 
 
+class _Waiter(Generic[T]):
+    """A thread's wait for a task on the loop: a lock held until the task is done."""
+
+    __slots__ = ("_lock", "_task")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._task: asyncio.Task[T] | None = None
+
+    def done(self, task: asyncio.Task[T]) -> None:
+        self._task = task
+        self._lock.release()
+
+    def wait(self) -> T:
+        self._lock.acquire()
+        assert self._task is not None
+        return self._task.result()
+
+
 class Transport:
     """The blocking face of `AsyncTransport`: safe to use from any number of threads at once. Its I/O runs
     on an asyncio loop in a daemon thread it owns (uvloop where installed). In a process that eventlet has
@@ -303,6 +328,7 @@ class Transport:
     ) -> None:
         self.loop = _new_loop()
         self._green = green.active()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._thread = green.os_thread(self.loop.run_forever, "meshbus-io")
         self._thread.start()
 
@@ -315,7 +341,17 @@ class Transport:
         """Run `coroutine` on the transport's loop and wait for its result (from any thread but that one)."""
         if self._green:
             return green.run(self.loop, coroutine)
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        # Lighter than run_coroutine_threadsafe (no concurrent future and its chained callbacks): a lock
+        # the loop releases when the task is done. Every blocking call goes through here.
+        waiter = _Waiter[T]()
+        self.loop.call_soon_threadsafe(self._start, coroutine, waiter)
+        return waiter.wait()
+
+    def _start(self, coroutine: Coroutine[Any, Any, T], waiter: _Waiter[T]) -> None:
+        task = self.loop.create_task(coroutine)
+        self._tasks.add(task)  # asyncio keeps only weak references to tasks
+        task.add_done_callback(waiter.done)
+        task.add_done_callback(self._tasks.discard)
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Run `coroutine` on the transport's loop; its future. Under eventlet, wait with `run` instead: a
@@ -355,7 +391,10 @@ class AsyncService:
         self.transport = transport
         self._receivers: list[Receiver] = []
         self._stopped: list[Receiver] = []
-        self._in_progress: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references to tasks
+        self._working = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def subscriptions(self) -> list[Subscription]:
         raise NotImplementedError
@@ -387,17 +426,33 @@ class AsyncService:
 
     async def wait(self) -> None:
         """Wait until every message taken so far has been handled and acknowledged, then detach."""
-        while self._in_progress:
-            await asyncio.gather(*self._in_progress, return_exceptions=True)
+        await self._idle.wait()
         stopped, self._stopped = self._stopped, []
         for receiver in stopped:
             receiver.close()
 
+    def begin(self) -> None:
+        """A message taken: work in progress until `end()`."""
+        self._working += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        self._working -= 1
+        if not self._working:
+            self._idle.set()
+
     def run(self, work: Coroutine[Any, Any, None]) -> None:
         """Handle a message in a task of its own, counted as work in progress."""
+        self.begin()
         task = asyncio.get_running_loop().create_task(work)
-        self._in_progress.add(task)
-        task.add_done_callback(self._in_progress.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.end()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: handling a message failed", type(self).__name__, exc_info=task.exception())
 
 
 class BlockingService:

@@ -83,8 +83,8 @@ class Incoming:
     call_monitor_timeout: float | None = None  # seconds: send the caller heartbeats at least this often
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, default=to_primitive)
+# One encoder for every message: json.dumps with an argument builds a new one per call.
+_dumps = json.JSONEncoder(default=to_primitive).encode
 
 
 def encode_request(

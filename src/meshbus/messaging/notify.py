@@ -20,7 +20,7 @@ import inspect
 import logging
 import re
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from typing import Any, Final, Generic, TypeVar
 
 from meshbus.amqp.client import IncomingMessage
@@ -259,6 +259,12 @@ class AsyncNotificationListener(AsyncService):
         if not self.priorities:
             raise ValueError(f"no endpoint has a method for any priority ({', '.join(PRIORITIES)})")
         self._batches: dict[str, _Batch] = {}
+        # Per priority: whether some endpoint method for it is a coroutine function (then dispatch runs on
+        # the loop, else wholly in the executor).
+        self._coroutines = {
+            priority: any(inspect.iscoroutinefunction(getattr(e, priority, None)) for e in self.endpoints)
+            for priority in self.priorities
+        }
 
     def subscriptions(self) -> list[Subscription]:
         return [
@@ -295,7 +301,7 @@ class AsyncNotificationListener(AsyncService):
             "metadata": {"message_id": body.get("message_id"), "timestamp": body.get("timestamp")},
         }
         if not self.batching:
-            self.run(self._dispatch(priority, [(notification, message)]))
+            self._dispatch(priority, [(notification, message)])
             return
         batch = self._batches.setdefault(priority, _Batch())
         batch.messages.append((notification, message))
@@ -311,41 +317,94 @@ class AsyncNotificationListener(AsyncService):
             return
         if batch.timer is not None:
             batch.timer.cancel()
-        self.run(self._dispatch(priority, batch.messages))
+        self._dispatch(priority, batch.messages)
 
-    async def _dispatch(self, priority: str, messages: list[tuple[dict[str, Any], IncomingMessage]]) -> None:
+    def _dispatch(self, priority: str, messages: Taken) -> None:
+        if self._coroutines[priority]:
+            self.run(self._dispatch_on_loop(priority, messages))
+            return
+        # Plain methods only: the whole dispatch runs in the executor, with one hop back to settle.
+        if self.executor is None:
+            self.executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="meshbus-notify")
+        loop = asyncio.get_running_loop()
+        self.begin()
+        job = self.executor.submit(self._dispatch_in_worker, priority, messages)
+        job.add_done_callback(lambda done: loop.call_soon_threadsafe(self._finish, messages, done.result()))
+
+    def _dispatch_in_worker(self, priority: str, messages: Taken) -> bool:
+        """Call the endpoints; whether the notifications are to be requeued."""
         requeue = False
         try:
-            for endpoint in self.endpoints:
-                method = getattr(endpoint, priority, None)
-                if not callable(method):
-                    continue
-                rule = getattr(endpoint, "filter_rule", None)
-                chosen = [n for n, _ in messages if rule is None or rule.match(**_filter_fields(n))]
-                if not chosen:
-                    continue
-                calls = [(chosen,)] if self.batching else [_arguments(n) for n in chosen]
-                for arguments in calls:
-                    result = await self._call(method, arguments)
-                    requeue |= result == NotificationResult.REQUEUE and self.allow_requeue
+            for method, arguments in self._calls(priority, messages):
+                try:
+                    result = method(*arguments)
+                except Exception:
+                    result = _failed(method)
+                requeue |= result == NotificationResult.REQUEUE and self.allow_requeue
         except Exception:
-            # A notification left unsettled would hold its credit, and its notifier, until the time-out.
-            log.exception("%s notifications could not be dispatched; they count as handled", priority)
+            _undispatchable(priority)
+        return requeue
+
+    async def _dispatch_on_loop(self, priority: str, messages: Taken) -> None:
+        requeue = False
+        try:
+            for method, arguments in self._calls(priority, messages):
+                try:
+                    if inspect.iscoroutinefunction(method):
+                        result = await method(*arguments)
+                    else:
+                        loop = asyncio.get_running_loop()
+                        call = functools.partial(method, *arguments)
+                        result = await loop.run_in_executor(self.executor, call)
+                except Exception:
+                    result = _failed(method)
+                requeue |= result == NotificationResult.REQUEUE and self.allow_requeue
+        except Exception:
+            _undispatchable(priority)
+        self._settle(messages, requeue)
+
+    def _calls(self, priority: str, messages: Taken) -> Iterator[tuple[Callable[..., Any], tuple[Any, ...]]]:
+        """Each endpoint method to call, with its arguments: one call per notification its filter lets
+        through, or one per batch."""
+        for endpoint in self.endpoints:
+            method = getattr(endpoint, priority, None)
+            if not callable(method):
+                continue
+            rule = getattr(endpoint, "filter_rule", None)
+            chosen = [n for n, _ in messages if rule is None or rule.match(**_filter_fields(n))]
+            if not chosen:
+                continue
+            if self.batching:
+                yield method, (chosen,)
+            else:
+                for notification in chosen:
+                    yield method, _arguments(notification)
+
+    def _settle(self, messages: Taken, requeue: bool) -> None:
+        """On the loop: acknowledge (or give back) what was dispatched."""
         for _, message in messages:
             if requeue:
                 message.release()
             else:
                 message.accept()
 
-    async def _call(self, method: Callable[..., Any], arguments: tuple[Any, ...]) -> Any:
-        try:
-            if inspect.iscoroutinefunction(method):
-                return await method(*arguments)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, functools.partial(method, *arguments))
-        except Exception:
-            log.exception("notification endpoint %s failed; the notification counts as handled", method)
-            return NotificationResult.HANDLED
+    def _finish(self, messages: Taken, requeue: bool) -> None:
+        """On the loop, after a dispatch in the executor."""
+        self._settle(messages, requeue)
+        self.end()
+
+
+Taken = list[tuple[dict[str, Any], IncomingMessage]]
+
+
+def _failed(method: Callable[..., Any]) -> str:
+    log.exception("notification endpoint %s failed; the notification counts as handled", method)
+    return NotificationResult.HANDLED
+
+
+def _undispatchable(priority: str) -> None:
+    # A notification left unsettled would hold its credit, and its notifier, until the time-out.
+    log.exception("%s notifications could not be dispatched; they count as handled", priority)
 
 
 def _arguments(notification: dict[str, Any]) -> tuple[Any, ...]:

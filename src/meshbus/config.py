@@ -56,8 +56,8 @@ class RouterSettings(_Table):
     # Relative to the configuration file's directory (`load_config` makes it absolute).
     users_file: Path | None = Field(default=None, strict=False)
     # Microseconds to keep polling the sockets after each burst of traffic instead of sleeping, while bursts
-    # arrive on average less than that apart: saves the wake-up latency (large in VMs) under dense traffic,
-    # at the cost of a busy core while it lasts; sparse traffic and idle routers sleep. 0 disables.
+    # arrive on average less than 5 such windows apart: saves the wake-up latency (large in VMs) under dense
+    # traffic, for up to a busy core while it lasts; sparse traffic and idle routers sleep. 0 disables.
     busy_poll: int = Field(default=200, ge=0, le=100_000)
 
 

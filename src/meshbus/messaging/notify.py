@@ -33,6 +33,7 @@ from meshbus.messaging.transport import (
     BlockingService,
     Subscription,
     Transport,
+    take,
 )
 
 log = logging.getLogger("meshbus.messaging.notify")
@@ -285,11 +286,8 @@ class AsyncNotificationListener(AsyncService):
             self._flush(priority)
 
     def _on_notification(self, priority: str, message: IncomingMessage) -> None:
-        try:
-            incoming = wire.decode_request(message.payload)
-        except ValueError as error:
-            log.warning("a notification that is not JSON was rejected: %s", error)
-            message.reject("amqp:decode-error", f"not a meshbus/oslo notification: {error}")
+        incoming = take(message, "a notification")
+        if incoming is None:
             return
         body = incoming.body
         ctxt = self.serializer.deserialize_context(incoming.context)

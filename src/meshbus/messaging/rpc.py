@@ -37,6 +37,7 @@ from meshbus.messaging.transport import (
     BlockingService,
     Subscription,
     Transport,
+    take,
 )
 
 log = logging.getLogger("meshbus.messaging.rpc")
@@ -302,11 +303,8 @@ class AsyncRPCServer(AsyncService):
         return [Subscription(address, self._on_request, self.max_in_progress) for address in self.addresses]
 
     def _on_request(self, message: IncomingMessage) -> None:
-        try:
-            incoming = wire.decode_request(message.payload)
-        except ValueError as error:
-            log.warning("%s: a request that is not JSON was rejected: %s", self.target, error)
-            message.reject("amqp:decode-error", f"not a meshbus/oslo request: {error}")
+        incoming = take(message, "an RPC request")
+        if incoming is None:
             return
         message.accept(hold_credit=True)
         heartbeats = self._heartbeats(incoming)

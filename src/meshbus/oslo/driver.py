@@ -42,7 +42,7 @@ from meshbus.messaging.exceptions import (
     MessagingTimeout,
 )
 from meshbus.messaging.target import Target
-from meshbus.messaging.transport import DEFAULT_PORT, Transport
+from meshbus.messaging.transport import DEFAULT_PORT, Transport, take
 
 log = logging.getLogger("meshbus.oslo")
 
@@ -331,11 +331,8 @@ class _Listener(base.PollStyleListener):  # type: ignore[misc]  # oslo is untype
 
     def _on_message(self, message: IncomingMessage) -> None:
         """On the I/O thread: decode, hand over to oslo's polling thread."""
-        try:
-            decoded = wire.decode_request(message.payload)
-        except ValueError as error:
-            log.warning("a message that is not an oslo.messaging request was rejected: %s", error)
-            message.reject("amqp:decode-error", f"not an oslo.messaging request or notification: {error}")
+        decoded = take(message, "an oslo.messaging request or notification")
+        if decoded is None:
             return
         if not self._inbox.put(self._incoming(self, decoded, message)):
             message.release()  # stopped: another server or listener may take it

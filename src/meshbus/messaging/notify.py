@@ -243,13 +243,12 @@ class AsyncNotificationListener(AsyncService):
         batch_timeout: float | None = None,
         credit: int = 100,
     ) -> None:
-        super().__init__(transport)
+        super().__init__(transport, executor)
         self.targets = list(targets)
         self.endpoints = list(endpoints)
         self.pool = pool
         self.allow_requeue = allow_requeue
         self.serializer = serializer or Serializer()
-        self.executor = executor
         self.batch_size = max(batch_size, 1)
         self.batch_timeout = batch_timeout
         self.credit = max(credit, self.batch_size)
@@ -321,13 +320,11 @@ class AsyncNotificationListener(AsyncService):
         if self._coroutines[priority]:
             self.run(self._dispatch_on_loop(priority, messages))
             return
-        # Plain methods only: the whole dispatch runs in the executor, with one hop back to settle.
-        if self.executor is None:
-            self.executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="meshbus-notify")
-        loop = asyncio.get_running_loop()
-        self.begin()
-        job = self.executor.submit(self._dispatch_in_worker, priority, messages)
-        job.add_done_callback(lambda done: loop.call_soon_threadsafe(self._finish, messages, done.result()))
+        # Plain methods only: the whole dispatch runs in a worker.
+        self.run_in_worker(
+            functools.partial(self._dispatch_in_worker, priority, messages),
+            functools.partial(self._settle, messages),
+        )
 
     def _dispatch_in_worker(self, priority: str, messages: Taken) -> bool:
         """Call the endpoints; whether the notifications are to be requeued."""
@@ -385,11 +382,6 @@ class AsyncNotificationListener(AsyncService):
                 message.release()
             else:
                 message.accept()
-
-    def _finish(self, messages: Taken, requeue: bool) -> None:
-        """On the loop, after a dispatch in the executor."""
-        self._settle(messages, requeue)
-        self.end()
 
 
 Taken = list[tuple[dict[str, Any], IncomingMessage]]

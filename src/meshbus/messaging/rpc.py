@@ -291,11 +291,10 @@ class AsyncRPCServer(AsyncService):
         executor: concurrent.futures.Executor | None = None,
         max_in_progress: int = 64,
     ) -> None:
-        super().__init__(transport)
+        super().__init__(transport, executor)
         self.target = target
         self.dispatcher = Dispatcher(endpoints)
         self.serializer = serializer or Serializer()
-        self.executor = executor
         self.max_in_progress = max_in_progress
         self.addresses = wire.server_addresses(target, transport.default_exchange)
 
@@ -316,15 +315,10 @@ class AsyncRPCServer(AsyncService):
         if is_coroutine:
             self.run(self._handle_coroutine(incoming, message, heartbeats, method))
             return
-        # A plain method runs in the executor, with everything around it but the sending: no task, and
-        # one hop back to the loop.
-        if self.executor is None:
-            self.executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="meshbus-rpc")
-        loop = asyncio.get_running_loop()
-        self.begin()
-        job = self.executor.submit(self._handle_plain, incoming, method)
-        job.add_done_callback(
-            lambda done: loop.call_soon_threadsafe(self._finish, message, heartbeats, done.result(), True)
+        # A plain method runs in a worker with everything around it but the sending.
+        self.run_in_worker(
+            functools.partial(self._handle_plain, incoming, method),
+            functools.partial(self._finish, message, heartbeats),
         )
 
     def _handle_plain(self, incoming: wire.Incoming, method: Callable[..., Any]) -> bytes | None:
@@ -376,7 +370,6 @@ class AsyncRPCServer(AsyncService):
         message: IncomingMessage,
         heartbeats: asyncio.Task[None] | None,
         reply: bytes | None,
-        counted: bool = False,
     ) -> None:
         """On the loop: send the reply, stop the heartbeats, give the credit back."""
         if reply is not None:
@@ -384,8 +377,6 @@ class AsyncRPCServer(AsyncService):
         if heartbeats is not None:
             heartbeats.cancel()
         message.finished()
-        if counted:
-            self.end()
 
     def _heartbeats(self, incoming: wire.Incoming) -> asyncio.Task[None] | None:
         """For a monitored call, a task sending its caller a heartbeat every half of its monitor interval."""

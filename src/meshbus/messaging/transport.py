@@ -48,6 +48,7 @@ from meshbus.messaging.exceptions import (
 log = logging.getLogger("meshbus.messaging")
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 SCHEMES: Final = ("meshbus", "amqp")
 DEFAULT_PORT: Final = 5672
@@ -397,8 +398,9 @@ class AsyncService:
     and the life cycle. `start()` attaches (all or none); `stop()` takes nothing more (the receivers are
     paused, so what is in work can still be acknowledged); `wait()` waits for the work, then detaches."""
 
-    def __init__(self, transport: AsyncTransport) -> None:
+    def __init__(self, transport: AsyncTransport, executor: concurrent.futures.Executor | None) -> None:
         self.transport = transport
+        self.executor = executor  # for plain (not coroutine) endpoint methods; a thread pool if None
         self._receivers: list[Receiver] = []
         self._stopped: list[Receiver] = []
         self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references to tasks
@@ -457,6 +459,22 @@ class AsyncService:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+
+    def run_in_worker(self, work: Callable[[], R], then: Callable[[R], None]) -> None:
+        """Run plain `work` in the executor, counted as work in progress, then `then(its result)` on the
+        loop: one hop each way, no task."""
+        if self.executor is None:
+            self.executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="meshbus-worker")
+        loop = asyncio.get_running_loop()
+        self.begin()
+        job = self.executor.submit(work)
+        job.add_done_callback(lambda done: loop.call_soon_threadsafe(self._after_worker, then, done))
+
+    def _after_worker(self, then: Callable[[R], None], done: concurrent.futures.Future[R]) -> None:
+        try:
+            then(done.result())
+        finally:
+            self.end()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

@@ -520,6 +520,12 @@ class ClientConnection:
                 self._on_delivery(lib.pn_event_delivery(event))
             elif kind == lib.PN_LINK_FLOW:
                 self._drain_queue()
+                link = lib.pn_event_link(event)
+                # The router takes back a sender's credit (drain) when its address loses its last
+                # consumer: what is not sent now goes by the anonymous-relay link, which says at once
+                # whether anyone consumes it.
+                if lib.pn_link_is_sender(link) and lib.pn_link_get_drain(link):
+                    lib.pn_link_drained(link)
             elif kind == lib.PN_CONNECTION_REMOTE_OPEN:
                 waiter = self._opened_waiter
                 if not waiter.done():

@@ -56,6 +56,10 @@ DEFAULT_URL: Final = "meshbus://127.0.0.1:5672/"
 # A RELEASED request was not taken by anyone; resending it at once finds a server that started meanwhile or
 # another server of the topic (one may release while stopping). After this many, nobody serves the address.
 RELEASED_RESENDS: Final = 2
+# A consumer that failed (or a connection that dropped) may fail again at once: resends back off, from
+# this delay doubling up to the next.
+RESEND_DELAY: Final = 0.01
+MAX_RESEND_DELAY: Final = 1.0
 
 
 @dataclass(slots=True)
@@ -173,9 +177,12 @@ class AsyncTransport:
         """Send until accepted. `payload()` makes the bytes for each attempt (a call's reply address may
         change with a reconnect). RELEASED: resent at once, RELEASED_RESENDS times at most; MODIFIED (a
         consumer had it and failed) or an unknown outcome (the connection dropped): resent, `retry` times
-        at most (None: until the caller's time-out). REJECTED: never resent."""
+        at most (None: until the caller's time-out), after a back-off that doubles from RESEND_DELAY.
+        REJECTED: never resent."""
         released = failed = 0
         while True:
+            if failed:
+                await asyncio.sleep(min(RESEND_DELAY * 2 ** (failed - 1), MAX_RESEND_DELAY))
             try:
                 outcome = await self.connection.send(address, await payload())
             except OutcomeUnknown as error:
@@ -463,10 +470,15 @@ class AsyncService:
     def run_in_worker(self, work: Callable[[], R], then: Callable[[R], None]) -> None:
         """Run plain `work` in the executor, counted as work in progress, then `then(its result)` on the
         loop: one hop each way, no task."""
+        self.begin()
+        # Started on the next turn of the loop, after this turn's output is written: a request's acceptance
+        # is on its way before its endpoint runs.
+        asyncio.get_running_loop().call_soon(self._start_worker, work, then)
+
+    def _start_worker(self, work: Callable[[], R], then: Callable[[R], None]) -> None:
         if self.executor is None:
             self.executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="meshbus-worker")
         loop = asyncio.get_running_loop()
-        self.begin()
         job = self.executor.submit(work)
         job.add_done_callback(lambda done: loop.call_soon_threadsafe(self._after_worker, then, done))
 

@@ -1,0 +1,1 @@
+"""Durable queues (design notes follow)."""

@@ -33,7 +33,7 @@ import oslo_messaging
 from oslo_config import cfg
 from oslo_messaging._drivers import base, common
 
-from meshbus.amqp.client import ClientError, IncomingMessage, LinkRefused, Receiver
+from meshbus.amqp.client import ClientError, IncomingMessage, LinkRefused
 from meshbus.messaging import wire
 from meshbus.messaging.exceptions import (
     InvalidTarget,
@@ -42,7 +42,14 @@ from meshbus.messaging.exceptions import (
     MessagingTimeout,
 )
 from meshbus.messaging.target import Target
-from meshbus.messaging.transport import DEFAULT_PORT, Transport, take
+from meshbus.messaging.transport import (
+    DEFAULT_PORT,
+    AsyncService,
+    AsyncTransport,
+    Subscription,
+    Transport,
+    take,
+)
 
 log = logging.getLogger("meshbus.oslo")
 
@@ -297,11 +304,14 @@ class _Listener(base.PollStyleListener):  # type: ignore[misc]  # oslo is untype
         self.loop = driver.transport.loop
         self._incoming = incoming
         self._inbox = _Inbox()
-        self._receivers: list[Receiver] = []
+        self._subscriptions = _Subscriptions(
+            driver.transport.aio,
+            [Subscription(address, self._on_message, credit, pool) for address in addresses],
+        )
         # ServerListenError is raised here, not left to oslo: 18.x's servers would make one of a
         # TransportDriverError but read a `target` attribute they lack, and raise AttributeError instead.
         try:
-            driver.transport.run(self._subscribe(addresses, pool, credit))
+            driver.transport.run(asyncio.wait_for(self._subscriptions.start(), SUBSCRIBE_TIMEOUT))
         except LinkRefused as error:
             raise oslo_messaging.ServerListenError(target, error) from error
         except TimeoutError:
@@ -312,22 +322,6 @@ class _Listener(base.PollStyleListener):  # type: ignore[misc]  # oslo is untype
                 f"{SUBSCRIBE_TIMEOUT} s ({connection.last_error or 'no answer'}): is a router running at "
                 f"{', '.join(map(str, connection.hosts))}?",
             ) from None
-
-    async def _subscribe(self, addresses: list[str], pool: str | None, credit: int) -> None:
-        connection = self.driver.transport.aio.connection
-        self._receivers = [
-            connection.receive(address, self._on_message, credit=credit, pool=pool) for address in addresses
-        ]
-        try:
-            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
-                await asyncio.gather(*(receiver.ready() for receiver in self._receivers))
-        except BaseException:
-            await self._unsubscribe()
-            raise
-
-    async def _unsubscribe(self) -> None:
-        for receiver in self._receivers:
-            receiver.close()
 
     def _on_message(self, message: IncomingMessage) -> None:
         """On the I/O thread: decode, hand over to oslo's polling thread."""
@@ -355,9 +349,21 @@ class _Listener(base.PollStyleListener):  # type: ignore[misc]  # oslo is untype
         async def close() -> None:
             for item in left:
                 item.raw.release()
-            await self._unsubscribe()
+            await self._subscriptions.stop()
+            await self._subscriptions.wait()
 
         self.driver.transport.run(close())
+
+
+class _Subscriptions(AsyncService):
+    """A server's or listener's receivers (all attached, or none), with the library's life cycle."""
+
+    def __init__(self, transport: AsyncTransport, subscriptions: list[Subscription]) -> None:
+        super().__init__(transport, executor=None)
+        self._subscriptions = subscriptions
+
+    def subscriptions(self) -> list[Subscription]:
+        return self._subscriptions
 
 
 class _NotificationIncoming(base.IncomingMessage):  # type: ignore[misc]  # oslo is untyped

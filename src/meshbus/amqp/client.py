@@ -44,7 +44,6 @@ _OUTCOME_NAMES: Final = {
     lib.PN_RELEASED: RELEASED,
     lib.PN_MODIFIED: MODIFIED,
 }
-_POOL_PROPERTY: Final = "meshbus:pool"
 _CHUNK: Final = 65536  # bytes moved per call between proton and Python
 
 
@@ -616,7 +615,7 @@ class ClientConnection:
             properties = lib.pn_link_properties(link)
             lib.pn_data_put_map(properties)
             lib.pn_data_enter(properties)
-            pn.put_symbol(properties, _POOL_PROPERTY)
+            pn.put_symbol(properties, pn.POOL_PROPERTY)
             pn.put_string(properties, receiver.pool)
             lib.pn_data_exit(properties)
         lib.pn_link_set_rcv_settle_mode(link, lib.PN_RCV_FIRST)

@@ -36,6 +36,7 @@ from meshbus.amqp.pn import (
     PN_SND_SETTLED,
     PN_TRANSPORT_CLOSED,
     PN_TRANSPORT_ERROR,
+    POOL_PROPERTY,
     CData,
     pn_collector,
     pn_collector_peek,
@@ -143,8 +144,6 @@ _OUTCOMES: Final = {ACCEPTED_KIND: Outcome(ACCEPTED_KIND), RELEASED_KIND: Outcom
 MALFORMED: Final = rejected(
     "amqp:decode-error", "the message's header or properties section is not valid AMQP"
 )
-# The link property by which a consumer names its pool (a string): see router/core.py, rule 5.
-POOL_PROPERTY: Final = "meshbus:pool"
 MAX_HEADERS: Final = 1 << 20  # bytes a message may take before its properties section is complete
 _BUFFER_SIZE: Final = 1 << 16
 

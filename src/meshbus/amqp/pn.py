@@ -16,6 +16,9 @@ from cproton_ffi import ffi, lib
 
 CData = Any  # a cffi pointer into proton
 
+# The link property (attach frame) by which a consumer names its pool, a string: see router/core.py, rule 5.
+POOL_PROPERTY: Final = "meshbus:pool"
+
 PN_CONNECTION_REMOTE_CLOSE: Final = lib.PN_CONNECTION_REMOTE_CLOSE
 PN_CONNECTION_REMOTE_OPEN: Final = lib.PN_CONNECTION_REMOTE_OPEN
 PN_DELIVERY: Final = lib.PN_DELIVERY

@@ -194,6 +194,34 @@ def test_a_partition_healing_after_the_other_side_was_purged() -> None:
     check_converged(network)
 
 
+def test_state_held_while_unreachable_reaches_the_neighbours_that_lack_it() -> None:
+    """b keeps a's state while a is cut off; c joins b meanwhile. When a is back, c must get a's (unchanged)
+    addresses from b at once, not at the next periodic summary."""
+    network = mesh([("a", "b", 1)])
+    network.run(SETTLE)
+    network.disconnect(network.links[0])
+    network.run(SETTLE)
+    network.add("c", addresses=("svc/c",))
+    network.connect("c", "b")
+    network.run(SETTLE)
+    network.connect("a", "b")
+    network.run(SETTLE)
+    assert network.routers["c"].addresses == {"svc/a": {"a"}, "svc/b": {"b"}}
+    check_converged(network)
+
+
+def test_what_a_silently_lost_link_carried_is_resent_on_the_link_left() -> None:
+    """a and b have two links; the cheaper one dies silently and takes b's news with it."""
+    network = mesh([("a", "b", 2), ("b", "c", 1)], config=MeshConfig(advertise_interval=60.0))
+    cheap = network.connect("a", "b", 1)
+    network.run(SETTLE)
+    network.cut(cheap)
+    network.add_address("c", "svc/new")
+    network.run(CONFIG.hello_timeout + SETTLE)
+    assert network.routers["a"].addresses["svc/new"] == {"c"}
+    check_converged(network)
+
+
 def test_a_restarted_router_is_known_by_its_new_life() -> None:
     network = triangle()
     network.restart("b")
@@ -369,7 +397,7 @@ def apply(network: Network, operation: tuple[Any, ...], joined: list[int]) -> No
             network.add_address(router.name, "shared")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     st.integers(2, 6),
     st.lists(st.tuples(OPERATIONS, PAUSES), max_size=12),
@@ -399,6 +427,9 @@ def test_after_any_joins_and_failures_the_tables_agree_with_dijkstra(
 
 def test_two_hundred_routers_converge() -> None:
     network = mesh(random_mesh(200, 100, seed=3), wire=False)
+    network.run(SETTLE)
+    check_converged(network)
+    network.kill("r100")
     network.run(SETTLE)
     check_converged(network)
     network.kill("r100")

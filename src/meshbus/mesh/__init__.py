@@ -18,9 +18,10 @@ needs nothing from the forwarding layer but a control channel per link.
   MAU (origin, instance, seq, added/removed | exist)   flooded when the origin's addresses change;
                                                        `exist`: the whole set, the answer to a MAR
   MAR (router ids)                                     asks a neighbour for those routers' whole address sets
-  RA (per router: instance, ls_seq, mobile_seq)        the sender's summary of its database, sent to a new
-                                                       neighbour at once and to every neighbour each
-                                                       advertise_interval: the receiver asks for what it lacks
+  RA (per router: instance, ls_seq, mobile_seq)        the sender's summary of its database: to a new
+                                                       neighbour at once, to all neighbours for the routers
+                                                       that just became reachable, to each neighbour every
+                                                       advertise_interval; the receiver asks for what it lacks
 Versions are (instance, seq): the instance is the router process's start time in ns, so a restarted router
 supersedes its previous life. A sequence gap in MAUs is repaired at once by a MAR to the neighbour that sent
 the MAU; anything else missed (a lost update, a healed partition) by the RA exchange.

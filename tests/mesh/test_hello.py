@@ -106,7 +106,9 @@ def test_costs_and_links_are_checked() -> None:
 def test_a_hello_with_our_own_id_is_a_duplicate() -> None:
     neighbours = neighbours_of_a()
     [event] = neighbours.receive("L1", Hello("a", 999, ("a",)), 0.0)
-    assert event == DuplicateRouterId("a", 999, "another router (instance 999) says hello on link 'L1'")
+    assert event == DuplicateRouterId(
+        "a", 999, "another router (instance 999) says hello on link 'L1'; it is ignored"
+    )
     assert "duplicate router id 'a'" in str(event) and "give each router a unique [router] id" in str(event)
     assert neighbours.adjacent() == {}
     [event] = neighbours.receive("L1", Hello("a", 100, ("a",)), 0.0)

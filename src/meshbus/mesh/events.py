@@ -36,17 +36,14 @@ class NeighbourDown:
 
 @dataclass(frozen=True, slots=True)
 class DuplicateRouterId:
-    """Two live routers claim one id: the mesh keeps the one it knew and ignores the other."""
+    """Two live routers claim one id. They are never merged: the detail says which one the mesh follows."""
 
     router_id: str
-    instance: int  # the instance of the claimant that is not used
+    instance: int  # the instance of the other claimant
     detail: str
 
     def __str__(self) -> str:
-        return (
-            f"duplicate router id {self.router_id!r}: {self.detail}; give each router a unique [router] id "
-            "(the claimant is ignored until then)"
-        )
+        return f"duplicate router id {self.router_id!r}: {self.detail}; give each router a unique [router] id"
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,7 +77,7 @@ class Neighbours:
             detail = (
                 "this router is connected to itself"
                 if hello.instance == self.instance
-                else f"another router (instance {hello.instance}) says hello on link {link!r}"
+                else f"another router (instance {hello.instance}) says hello on link {link!r}; it is ignored"
             )
             return [DuplicateRouterId(hello.router_id, hello.instance, detail)]
         rival = self._rival(link, hello, now)
@@ -190,7 +190,7 @@ class Neighbours:
             DuplicateRouterId(
                 hello.router_id,
                 hello.instance,
-                f"instance {hello.instance} on link {link!r} and instance {rival.peer_instance} on another "
-                "link both say hello",
+                f"instance {hello.instance} says hello on link {link!r} while instance {rival.peer_instance} "
+                "still does on another link; the first is kept",
             )
         ]

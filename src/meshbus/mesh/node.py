@@ -257,10 +257,8 @@ class MeshNode:
         """Ask the neighbour for whatever it has newer than we do."""
         want_links, want_addresses = [], []
         for entry in advertisement.entries:
-            links_version, addresses_version = (
-                (entry.instance, entry.ls_seq),
-                (entry.instance, entry.mobile_seq),
-            )
+            links_version = (entry.instance, entry.ls_seq)
+            addresses_version = (entry.instance, entry.mobile_seq)
             if entry.router_id == self.router_id:
                 if newer(links_version, self._linkstate.version(self.router_id)) or newer(
                     addresses_version, self._mobile.version(self.router_id)
@@ -331,7 +329,10 @@ class MeshNode:
 
     def _claim(self, instance: int, what: str) -> DuplicateRouterId:
         return DuplicateRouterId(
-            self.router_id, instance, f"{what} from instance {instance} is ahead of this router's own state"
+            self.router_id,
+            instance,
+            f"{what} from instance {instance} is ahead of this router's own state, so the other routers "
+            "follow that router",
         )
 
     # -- batched work --------------------------------------------------------------------------------

@@ -669,6 +669,11 @@ class ClientConnection:
             item.future.set_result(SETTLED_OUTCOME)
         else:
             self._in_flight[delivery] = item
+        # Proton frames a transfer only when asked for output, and only while the link still has credit. The
+        # router may take back a per-address link's credit (its last consumer left) in input read before the
+        # next flush: the transfer, not framed yet, would then stay in proton for good, with no outcome ever.
+        # Framing it now spends the credit it was written on; the bytes still go out with the next flush.
+        lib.pn_transport_pending(self._transport)
         self._flush_soon()
         return True
 

@@ -384,6 +384,17 @@ def test_producer_settling_first_hears_nothing_more(router, consumer_ends):
     assert router.edge.updates == router.edge.settles == []
 
 
+def test_a_delivery_its_producer_settled_while_queued_is_still_delivered_at_most_once(router):
+    consumer = router.consumer("work")  # no credit yet: the delivery waits in the router
+    producer = router.producer("work")
+    delivery = router.send(producer)
+    router.core.producer_settled(producer, delivery.handle)
+    router.credit(consumer, 1)
+    (sent,) = router.edge.sends
+    assert sent.delivery is delivery and sent.presettled  # forwarded, and as at-most-once
+    assert router.edge.updates == router.edge.settles == []
+
+
 # -- no consumer, bad addresses ----------------------------------------------------------------------
 
 

@@ -3,7 +3,9 @@
 1. `python()` makes `<repo>/.cache/oslo14-venv` the first time a test asks for it and returns its interpreter.
    The virtualenv outlives the session: a marker file in it holds the requirement list (and the Python) it was
    made from, and any change to either makes it again. Test processes running at once wait on a lock file.
-2. `Peer` runs tests/oslo14_peer.py with that interpreter and collects the JSON lines it prints.
+2. `Peer` runs tests/oslo14_peer.py with that interpreter and collects the JSON lines it prints; `peers()`
+   starts them (`Start`) and kills them at the end; `printed`, `url` and `notify_every_priority` are what the
+   interop tests share.
 3. Nothing here imports oslo: its dependencies (eventlet, oslo.*) stay out of the test suite's environment.
 """
 
@@ -25,6 +27,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import Router
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".cache" / "oslo14-venv"
@@ -212,3 +218,52 @@ def peers() -> Iterator[Callable[..., Peer]]:
     finally:
         for peer in started:
             peer.kill()
+
+
+Start = Callable[..., Peer]
+
+# oslo's notification priorities, as the peer's notifier takes them.
+PRIORITIES = ("audit", "debug", "info", "warn", "error", "critical", "sample")
+
+
+def require_python() -> Path:
+    """`python()`, or the calling test skipped, saying why, when the package index cannot be reached."""
+    try:
+        return python()
+    except NoNetwork as error:
+        pytest.skip(str(error))
+
+
+def url(router: Router) -> str:
+    """The peers' transport URL for `router` (oslo 14's `amqp://`)."""
+    return f"{router.url}/"
+
+
+def printed(peer: Peer, **fields: Any) -> dict[str, Any]:
+    """The line `peer` printed with these fields (and maybe others), waiting for it."""
+    return peer.expect(lambda line: fields.items() <= line.items())
+
+
+def notify_every_priority(
+    start: Start, router: Router, topic: str, publisher: str, driver: str, context: dict[str, Any]
+) -> None:
+    """An oslo 14 notifier (`driver`: messaging or messagingv2) sends one notification of each priority:
+    event type `<driver>.<priority>`, payload {"n": its index in PRIORITIES}."""
+    notes = [
+        json.dumps({"priority": priority, "event_type": f"{driver}.{priority}", "payload": {"n": n}})
+        for n, priority in enumerate(PRIORITIES)
+    ]
+    notifier = start(
+        url(router),
+        "notifier",
+        "--topic",
+        topic,
+        "--publisher",
+        publisher,
+        "--driver",
+        driver,
+        "--context",
+        json.dumps(context),
+        *notes,
+    )
+    assert notifier.finish() == [{"sent": priority} for priority in PRIORITIES]

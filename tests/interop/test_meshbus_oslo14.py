@@ -15,7 +15,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -32,16 +32,14 @@ from meshbus.messaging import (
     Target,
     Transport,
 )
-from meshbus.messaging.notify import PRIORITIES
 from tests import oslo14
 from tests.conftest import Router
-from tests.oslo14 import Peer
+from tests.oslo14 import PRIORITIES, Peer, Start, notify_every_priority, printed, url
 
 # The first test may make the virtualenv: pip on a cold cache takes a minute or more.
 pytestmark = pytest.mark.timeout(oslo14.INSTALL_TIMEOUT + 60)
 
 T = TypeVar("T")
-Start = Callable[..., Peer]
 
 WAIT = 15.0  # seconds for something that should happen at once (oslo peers are slow to start)
 OSLO_SERVERS = "mb-to-oslo"  # topic of the oslo RPC servers s1 and s2
@@ -49,15 +47,6 @@ OSLO_NOTIFY = "mb-to-oslo-notify"  # topic of the oslo notification listener
 MESHBUS_SERVERS = "oslo-to-mb"  # topic of the meshbus RPC servers m1 and m2
 MESHBUS_NOTIFY = "oslo-to-mb-notify"  # topic of the meshbus notification listener
 ADMIN = Target(namespace="admin", version="1.3")  # the meshbus servers' second endpoint
-
-
-def url(router: Router) -> str:
-    return f"{router.url}/"
-
-
-def printed(peer: Peer, **fields: Any) -> dict[str, Any]:
-    """The line `peer` printed with these fields (and maybe others), waiting for it."""
-    return peer.expect(lambda line: fields.items() <= line.items())
 
 
 def oslo_request(kind: str, method: str, *, prepare: dict[str, Any] | None = None, **args: Any) -> str:
@@ -96,10 +85,7 @@ class Inbox:
 @pytest.fixture(scope="module")
 def start() -> Iterator[Start]:
     """Starts oslo 14 peers for the module; without network to make the virtualenv, the tests are skipped."""
-    try:
-        oslo14.python()
-    except oslo14.NoNetwork as error:
-        pytest.skip(str(error))
+    oslo14.require_python()
     with oslo14.peers() as start_peer:
         yield start_peer
 
@@ -494,24 +480,7 @@ def test_oslo_notifications_of_every_priority_reach_the_meshbus_listener(
     start: Start, meshbus_listener: Inbox, default_router: Router, driver: str
 ) -> None:
     context = {"project_id": "p2", "request_id": f"req-{driver}"}
-    notes = [
-        json.dumps({"priority": priority, "event_type": f"{driver}.{priority}", "payload": {"n": n}})
-        for n, priority in enumerate(PRIORITIES)
-    ]
-    notifier = start(
-        url(default_router),
-        "notifier",
-        "--topic",
-        MESHBUS_NOTIFY,
-        "--publisher",
-        "compute.oslo",
-        "--driver",
-        driver,
-        "--context",
-        json.dumps(context),
-        *notes,
-    )
-    assert notifier.finish() == [{"sent": priority} for priority in PRIORITIES]
+    notify_every_priority(start, default_router, MESHBUS_NOTIFY, "compute.oslo", driver, context)
     for n, priority in enumerate(PRIORITIES):
         note = meshbus_listener.expect(priority=priority, event_type=f"{driver}.{priority}")
         assert note["payload"] == {"n": n}

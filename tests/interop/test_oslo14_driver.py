@@ -8,41 +8,24 @@ meets the same peers. Each test uses topics of its own on the session's shared r
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests import oslo14
 from tests.conftest import Router
-from tests.oslo14 import Peer
+from tests.oslo14 import PRIORITIES, Peer, Start, notify_every_priority, printed, url
 
 # The first test may make the virtualenv: pip on a cold cache takes a minute or more.
 pytestmark = pytest.mark.timeout(oslo14.INSTALL_TIMEOUT + 60)
 
-PRIORITIES = ["audit", "debug", "info", "warn", "error", "critical", "sample"]
-
-Start = Callable[..., Peer]
-
-
-@pytest.fixture(scope="module")
-def oslo14_python() -> Path:
-    """The virtualenv, made if need be; without network to make it, these tests are skipped, saying why."""
-    try:
-        return oslo14.python()
-    except oslo14.NoNetwork as error:
-        pytest.skip(str(error))
-
 
 @pytest.fixture
-def start(oslo14_python: Path) -> Iterator[Start]:
+def start() -> Iterator[Start]:
+    oslo14.require_python()
     with oslo14.peers() as start_peer:
         yield start_peer
-
-
-def url(router: Router) -> str:
-    return f"{router.url}/"
 
 
 def serve(start: Start, router: Router, topic: str, *names: str) -> list[Peer]:
@@ -55,11 +38,6 @@ def serve(start: Start, router: Router, topic: str, *names: str) -> list[Peer]:
 
 def request(kind: str, method: str, **args: Any) -> str:
     return json.dumps({"kind": kind, "method": method, "args": args})
-
-
-def printed(peer: Peer, **fields: Any) -> dict[str, Any]:
-    """The line `peer` printed with these fields (and maybe others), waiting for it."""
-    return peer.expect(lambda line: fields.items() <= line.items())
 
 
 def test_call_returns_the_value(start: Start, default_router: Router) -> None:
@@ -153,26 +131,9 @@ def test_notifications_of_every_priority_reach_the_listener(
     listener = start(url(default_router), "listener", "--topic", topic)
     printed(listener, ready=True)
     context = {"project_id": "p1", "request_id": "req-9"}
-    notes = [
-        json.dumps({"priority": priority, "event_type": f"compute.{priority}", "payload": {"n": n}})
-        for n, priority in enumerate(PRIORITIES)
-    ]
-    notifier = start(
-        url(default_router),
-        "notifier",
-        "--topic",
-        topic,
-        "--publisher",
-        "compute.host1",
-        "--driver",
-        driver,
-        "--context",
-        json.dumps(context),
-        *notes,
-    )
-    assert notifier.finish() == [{"sent": priority} for priority in PRIORITIES]
+    notify_every_priority(start, default_router, topic, "compute.host1", driver, context)
     for n, priority in enumerate(PRIORITIES):
-        line = printed(listener, priority=priority, event_type=f"compute.{priority}", payload={"n": n})
+        line = printed(listener, priority=priority, event_type=f"{driver}.{priority}", payload={"n": n})
         assert line["publisher_id"] == "compute.host1"
         assert context.items() <= line["ctxt"].items()
         assert set(line["metadata"]) == {"message_id", "timestamp"}

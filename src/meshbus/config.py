@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from meshbus.mesh.config import MeshConfig
 from meshbus.router.addressing import (
     DEFAULT_RULES,
     AddressRule,
@@ -37,6 +38,8 @@ from meshbus.router.addressing import (
 
 SaslMechanism = Literal["ANONYMOUS", "PLAIN"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+# normal: clients; inter-router: other meshbus routers of the mesh.
+Role = Literal["normal", "inter-router"]
 
 
 class ConfigError(Exception):
@@ -72,6 +75,8 @@ class ListenerConfig(_Table):
     max_frame_size: int = Field(default=65536, ge=512, le=2**32 - 1)
     link_capacity: int = Field(default=250, ge=1)
     max_message_size: int = Field(default=0, ge=0)  # bytes; 0: unlimited
+    role: Role = "normal"
+    cost: int = Field(default=1, ge=1, le=1 << 24)  # inter-router: this end's cost for paths over it
 
     @field_validator("sasl_mechanisms")
     @classmethod
@@ -87,6 +92,42 @@ class ListenerConfig(_Table):
         if authenticate and "PLAIN" not in info.data.get("sasl_mechanisms", ["PLAIN"]):
             raise ValueError('true needs "PLAIN" in sasl_mechanisms; add it there, or set false')
         return authenticate
+
+
+class ConnectorConfig(_Table):
+    """One [[connector]] table: a connection the router keeps open to another router, reconnecting with
+    back-off while it cannot."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    role: Literal["inter-router"] = "inter-router"
+    cost: int = Field(default=1, ge=1, le=1 << 24)
+    idle_timeout: float = Field(default=16.0, ge=0)
+    max_frame_size: int = Field(default=65536, ge=512, le=2**32 - 1)
+    link_capacity: int = Field(default=1000, ge=1)
+
+
+_MESH_DEFAULTS = MeshConfig()
+
+
+class MeshSettings(_Table):
+    """The [mesh] table: the routing protocol's timers, in seconds (meshbus.mesh.config has the rules)."""
+
+    hello_interval: float = Field(default=_MESH_DEFAULTS.hello_interval, gt=0, strict=False)
+    hello_timeout: float = Field(default=_MESH_DEFAULTS.hello_timeout, gt=0, strict=False)
+    advertise_interval: float = Field(default=_MESH_DEFAULTS.advertise_interval, gt=0, strict=False)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MeshSettings:
+        self.protocol()
+        return self
+
+    def protocol(self) -> MeshConfig:
+        return MeshConfig(
+            hello_interval=self.hello_interval,
+            hello_timeout=self.hello_timeout,
+            advertise_interval=self.advertise_interval,
+        )
 
 
 class AddressConfig(_Table):
@@ -110,6 +151,8 @@ class RouterConfig(_Table):
 
     router: RouterSettings = Field(default_factory=RouterSettings)
     listener: list[ListenerConfig] = Field(default_factory=lambda: [ListenerConfig()])
+    connector: list[ConnectorConfig] = Field(default_factory=list)
+    mesh: MeshSettings = Field(default_factory=MeshSettings)
     address: list[AddressConfig] = Field(default_factory=list)
 
     def distribution_rules(self) -> DistributionRules:
@@ -172,10 +215,12 @@ def _describe(path: Path, lines: list[str], error: ErrorDetails) -> str:
 
 
 def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel]:
-    # Only [router], [[listener]] and [[address]] hold tables, so the first field name says which.
+    # Only these hold tables, so the first field name says which.
     tables: dict[str | int, type[BaseModel]] = {
         "router": RouterSettings,
         "listener": ListenerConfig,
+        "connector": ConnectorConfig,
+        "mesh": MeshSettings,
         "address": AddressConfig,
     }
     return tables[loc[0]] if loc else RouterConfig

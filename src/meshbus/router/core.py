@@ -4,7 +4,8 @@ Rules of this module:
 1. It makes every forwarding decision: which consumer gets a delivery, when a producer gets credit, which
    outcome goes back to a producer. It never touches proton, sockets, threads or a clock.
 2. Events come in as method calls from the edge (`attach_consumer`, `deliver`, `consumer_outcome`, ...);
-   actions go out through the narrow `Edge` protocol, which the edge implements with proton calls.
+   actions go out through the narrow `Edge` protocol of each link: the protocol edge implements it with
+   proton calls for the links of AMQP connections; an in-process endpoint (the store) for its own links.
 3. Payloads are opaque bytes, forwarded unchanged. Time arrives as `now` (seconds since the epoch, since
    message expiry times are wall-clock times).
 4. Memory bound: a producer's link is given credit only for deliveries that have left the router, so the
@@ -119,6 +120,7 @@ class ProducerLink:
     handle: Handle
     address: str | None
     capacity: int
+    edge: Edge
     owner: Any = None  # the edge's object for the link's connection, opaque to the core
     entry: AddressEntry | None = None
     credit: int = 0  # credit issued and not yet used, as far as the core knows
@@ -134,6 +136,7 @@ class ConsumerLink:
     handle: Handle
     address: str
     entry: AddressEntry
+    edge: Edge
     owner: Any = None  # the edge's object for the link's connection, opaque to the core
     settle_on_send: bool = False  # the consumer asked for pre-settled deliveries
     pool: str | None = None  # the pool it shares messages within (None on multicast addresses)
@@ -234,6 +237,7 @@ class RouterCore:
         owner: Any = None,
         *,
         pool: str | None = None,
+        edge: Edge | None = None,
     ) -> ConsumerLink:
         """A client attached a receiving link. `address` None asks for a dynamic address; `pool` names the
         group of consumers it shares messages with (ignored on a multicast address: the link's pool is then
@@ -244,7 +248,7 @@ class RouterCore:
             entry = self._entry(address)
         if entry.distribution is Distribution.MULTICAST:
             pool = None
-        link = ConsumerLink(handle, entry.address, entry, owner, settle_on_send, pool)
+        link = ConsumerLink(handle, entry.address, entry, edge or self._edge, owner, settle_on_send, pool)
         entry.consumers.append(link)
         self._join_group(entry, link)
         if len(entry.consumers) == 1:
@@ -287,7 +291,14 @@ class RouterCore:
         return None
 
     def attach_producer(
-        self, handle: Handle, address: str | None, capacity: int, owner: Any = None, dynamic: bool = False
+        self,
+        handle: Handle,
+        address: str | None,
+        capacity: int,
+        owner: Any = None,
+        dynamic: bool = False,
+        *,
+        edge: Edge | None = None,
     ) -> ProducerLink:
         """A client attached a sending link; `address` None is an anonymous-relay link, `dynamic` asks
         for an address of the router's making."""
@@ -295,7 +306,9 @@ class RouterCore:
             entry: AddressEntry | None = self._entry(self.dynamic_address(), Distribution.CLOSEST)
         else:
             entry = None if address is None else self._entry(address)
-        link = ProducerLink(handle, entry.address if entry else None, capacity, owner, entry)
+        link = ProducerLink(
+            handle, entry.address if entry else None, capacity, edge or self._edge, owner, entry
+        )
         if entry is not None:
             entry.producers.append(link)
         self._replenish(link)
@@ -339,7 +352,7 @@ class RouterCore:
         if not entry.consumers:
             for producer in entry.producers:
                 producer.credit = 0
-                self._edge.withdraw_credit(producer)
+                producer.edge.withdraw_credit(producer)
         self._forget_if_unused(entry)
 
     # -- credit --------------------------------------------------------------------------------------
@@ -350,7 +363,7 @@ class RouterCore:
         grant = link.capacity - link.held - link.credit
         if grant > 0:
             link.credit += grant
-            self._edge.flow(link, grant)
+            link.edge.flow(link, grant)
 
     def refused_arrival(self, link: ProducerLink) -> None:
         """The edge refused a delivery before routing it (too large): it used one credit."""
@@ -387,7 +400,7 @@ class RouterCore:
         """A draining consumer whose queue is empty gets its remaining credit spent."""
         if link.drain and link.credit > 0 and not link.queue and link.streaming is None:
             link.credit = 0
-            self._edge.drained(link)
+            link.edge.drained(link)
 
     # -- deliveries ----------------------------------------------------------------------------------
 
@@ -484,7 +497,7 @@ class RouterCore:
                 self._expiring.add(link)
 
     def _send(self, link: ConsumerLink, delivery: Delivery) -> None:
-        handle = self._edge.send(link, delivery)
+        handle = link.edge.send(link, delivery)
         link.credit -= 1
         link.delivered += 1
         self.counters.delivered += 1
@@ -519,7 +532,7 @@ class RouterCore:
         if not delivery.settled:
             delivery.settled = True
             delivery.link.inflight.pop(delivery.handle, None)
-            self._edge.settle(delivery, outcome)
+            delivery.link.edge.settle(delivery, outcome)
 
     def stream_finished(self, link: ConsumerLink, now: float, aborted: Handle = None) -> None:
         """The edge completed the multi-frame delivery that held this consumer's link, or aborted its copy
@@ -561,7 +574,7 @@ class RouterCore:
         if not settled:
             delivery = link.inflight.get(handle)
             if delivery is not None and delivery.unicast and not delivery.settled:
-                self._edge.update(delivery, outcome)
+                delivery.link.edge.update(delivery, outcome)
             return
         delivery = link.inflight.pop(handle, None)
         if delivery is not None:

@@ -86,6 +86,17 @@ class Edge(Protocol):
         """Spend the consumer's remaining credit: nothing more to send on a draining link."""
 
 
+class Watcher(Protocol):
+    """Who follows which addresses have consumers: the mesh (local ones, to advertise them) and the store
+    (any, to serve a queue's consumers wherever they are)."""
+
+    def local_consumers(self, address: str, present: bool) -> None:
+        """The address gained its first consumer on this router (present) or lost its last."""
+
+    def reachable(self, address: str, present: bool) -> None:
+        """The address gained its first consumer anywhere, here or on another router, or lost its last."""
+
+
 @dataclass(slots=True, eq=False)
 class ConsumerGroup:
     """Consumers sharing the messages of an address: each message goes to one of them."""
@@ -108,9 +119,15 @@ class AddressEntry:
     producers: list[ProducerLink] = field(default_factory=list)
     group: ConsumerGroup | None = None
     pools: list[ConsumerGroup] = field(default_factory=list)
+    remote: frozenset[str] = frozenset()  # the other routers with consumers (the mesh's view)
 
     def __post_init__(self) -> None:
         self.group = ConsumerGroup(None, self.consumers)
+
+    @property
+    def reachable(self) -> bool:
+        """Some consumer, here or on another router, may receive what is sent to the address."""
+        return bool(self.consumers or self.remote)
 
 
 @dataclass(slots=True, eq=False)
@@ -208,6 +225,7 @@ class RouterCore:
         self.entries: dict[str, AddressEntry] = {}
         self.counters = Counters()
         self._expiring: set[ConsumerLink] = set()
+        self.watchers: list[Watcher] = []
 
     # -- attach and detach -------------------------------------------------------------------------
 
@@ -222,8 +240,48 @@ class RouterCore:
         return entry
 
     def _forget_if_unused(self, entry: AddressEntry) -> None:
-        if not entry.consumers and not entry.producers:
+        if not entry.consumers and not entry.producers and not entry.remote:
             self.entries.pop(entry.address, None)
+
+    def _gained_consumers(self, entry: AddressEntry, local: bool) -> None:
+        """The address's first local consumer (local) or first remote router arrived."""
+        for watcher in self.watchers:
+            if local:
+                watcher.local_consumers(entry.address, True)
+            if not (entry.remote if local else entry.consumers):
+                watcher.reachable(entry.address, True)
+        if not (entry.remote if local else entry.consumers):
+            for producer in entry.producers:
+                self._replenish(producer)
+
+    def _lost_consumers(self, entry: AddressEntry, local: bool) -> None:
+        """The address's last local consumer (local) or last remote router went."""
+        for watcher in self.watchers:
+            if local:
+                watcher.local_consumers(entry.address, False)
+            if not entry.reachable:
+                watcher.reachable(entry.address, False)
+        if not entry.reachable:
+            for producer in entry.producers:
+                producer.credit = 0
+                producer.edge.withdraw_credit(producer)
+
+    def remote_changed(self, address: str, routers: frozenset[str]) -> None:
+        """The mesh's view: these other routers have consumers for the address (none: no other router)."""
+        entry = self.entries.get(address)
+        if entry is None:
+            if not routers:
+                return
+            try:
+                entry = self._entry(address)
+            except AttachError:  # unavailable here: nothing is sent to it from here
+                return
+        before, entry.remote = entry.remote, routers
+        if routers and not before:
+            self._gained_consumers(entry, local=False)
+        elif before and not routers:
+            self._lost_consumers(entry, local=False)
+            self._forget_if_unused(entry)
 
     def dynamic_address(self) -> str:
         self._dynamic_count += 1
@@ -252,8 +310,7 @@ class RouterCore:
         entry.consumers.append(link)
         self._join_group(entry, link)
         if len(entry.consumers) == 1:
-            for producer in entry.producers:
-                self._replenish(producer)
+            self._gained_consumers(entry, local=True)
         return link
 
     def _join_group(self, entry: AddressEntry, link: ConsumerLink) -> None:
@@ -350,15 +407,13 @@ class RouterCore:
             if not delivery.queued:
                 self._move_on(delivery)
         if not entry.consumers:
-            for producer in entry.producers:
-                producer.credit = 0
-                producer.edge.withdraw_credit(producer)
+            self._lost_consumers(entry, local=True)
         self._forget_if_unused(entry)
 
     # -- credit --------------------------------------------------------------------------------------
 
     def _replenish(self, link: ProducerLink) -> None:
-        if link.closed or (link.entry is not None and not link.entry.consumers):
+        if link.closed or (link.entry is not None and not link.entry.reachable):
             return
         grant = link.capacity - link.held - link.credit
         if grant > 0:

@@ -36,7 +36,7 @@ from meshbus.router.core import (
 
 NOW = 1_700_000_000.0  # expiry times are wall-clock times, so the core works in epoch seconds
 CAPACITY = 4
-DYNAMIC_PREFIX = "_dynamic/test."
+DYNAMIC_PREFIX = "_dynamic/test/1."
 RULES = DistributionRules(  # any other address: balanced
     [
         AddressRule(prefix="multi", distribution=Distribution.MULTICAST),
@@ -125,7 +125,7 @@ class Router:
 
     def __init__(self, rules: DistributionRules = RULES) -> None:
         self.edge = RecordingEdge()
-        self.core = RouterCore(self.edge, rules, DYNAMIC_PREFIX)
+        self.core = RouterCore(self.edge, rules, "test", "1")
 
     def consumer(
         self, address: str | None, credit: int = 0, *, settle_on_send: bool = False, pool: str | None = None

@@ -14,15 +14,30 @@ Rules of this module:
    (those without a pool, one more) and each message goes to one consumer of every group, its copies' outcomes
    combined for the producer as for multicast. While an address's consumers all share one group (the common
    case) delivering costs no more than without pools. Multicast addresses ignore pools.
+6. Mesh: other routers are reached through router links (one outgoing data link per neighbour, a
+   ConsumerLink with `router` set). The mesh tells the core which other routers have consumers per address
+   (`remote_changed`) and the paths (`set_routes`). Closest prefers a local consumer, then the lowest-cost
+   router; balanced weighs local consumers' unsettled deliveries against each router's unsettled plus path
+   cost; multicast copies to local consumers and down the source's tree. A delivery records where it
+   entered the mesh (`ingress`) and the routers it passed (`trace`): it is never sent to a router in its
+   trace, and goes no further than MAX_HOPS routers. Dynamic addresses name their router
+   (`_dynamic/<router id>/...`) and are reached through it. Pools are honoured among one router's consumers;
+   across routers, an address's consumers elsewhere form one more group.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Protocol
 
+from meshbus.mesh.path import Route
 from meshbus.router.addressing import Distribution, DistributionRules
+
+# The most routers a delivery may pass; beyond, it is released (a routing loop while the mesh converges).
+MAX_HOPS: Final = 32
+DYNAMIC_PREFIX: Final = "_dynamic/"
 
 # The edge's reference to a proton link or delivery: opaque to the core, used as a dictionary key.
 Handle = Any
@@ -120,6 +135,7 @@ class AddressEntry:
     group: ConsumerGroup | None = None
     pools: list[ConsumerGroup] = field(default_factory=list)
     remote: frozenset[str] = frozenset()  # the other routers with consumers (the mesh's view)
+    toward: dict[str, int] = field(default_factory=dict)  # other router -> unsettled deliveries sent to it
 
     def __post_init__(self) -> None:
         self.group = ConsumerGroup(None, self.consumers)
@@ -160,6 +176,7 @@ class ConsumerLink:
     credit: int = 0
     drain: bool = False
     blocked: bool = False  # the edge cannot take more now (a slow socket)
+    router: str | None = None  # a router link: the neighbour it leads to
     streaming: Delivery | None = None  # a multi-frame delivery in progress holds the link
     queue: deque[Delivery] = field(default_factory=deque)
     inflight: dict[Handle, Delivery] = field(default_factory=dict)  # sent, unsettled, by handle
@@ -193,6 +210,9 @@ class Delivery:
     unicast: bool = True  # one copy: the consumer's outcome is the producer's
     moved_on: bool = False  # no longer counted against the producer's credit
     aborted: bool = False
+    ingress: str | None = None  # the router where it entered the mesh (None: this one)
+    trace: tuple[str, ...] = ()  # the routers it passed before this one
+    toward: str | None = None  # the other router a unicast copy was sent to (balanced accounting)
 
 
 @dataclass(slots=True)
@@ -216,16 +236,22 @@ class RouterCore:
         self,
         edge: Edge,
         rules: DistributionRules,
-        dynamic_prefix: str,
+        router_id: str,
+        instance: str,
     ) -> None:
         self._edge = edge
         self._rules = rules
-        self._dynamic_prefix = dynamic_prefix
+        self.router_id = router_id
+        self._dynamic_prefix = f"{DYNAMIC_PREFIX}{router_id}/{instance}."
         self._dynamic_count = 0
         self.entries: dict[str, AddressEntry] = {}
         self.counters = Counters()
         self._expiring: set[ConsumerLink] = set()
         self.watchers: list[Watcher] = []
+        self.routes: Mapping[str, Route] = {}  # other reachable router -> cost and next hops
+        self.multicast: Mapping[str, frozenset[str]] = {}  # source router -> neighbours on its tree
+        self.router_links: dict[str, list[ConsumerLink]] = {}  # neighbour -> data links to it
+        self._remote_dynamic: set[str] = set()  # entries for other routers' dynamic addresses
 
     # -- attach and detach -------------------------------------------------------------------------
 
@@ -237,11 +263,18 @@ class RouterCore:
                 raise AttachError("amqp:not-found", f"address {address!r} is configured unavailable")
             entry = AddressEntry(address, distribution)
             self.entries[address] = entry
+            router = _dynamic_router(address)
+            if router is not None and router != self.router_id:
+                # Another router's dynamic address: reached through that router while it is reachable.
+                self._remote_dynamic.add(address)
+                if router in self.routes:
+                    entry.remote = frozenset((router,))
         return entry
 
     def _forget_if_unused(self, entry: AddressEntry) -> None:
         if not entry.consumers and not entry.producers and not entry.remote:
             self.entries.pop(entry.address, None)
+            self._remote_dynamic.discard(entry.address)
 
     def _gained_consumers(self, entry: AddressEntry, local: bool) -> None:
         """The address's first local consumer (local) or first remote router arrived."""
@@ -385,6 +418,11 @@ class RouterCore:
         link.closed = True
         entry = link.entry
         entry.consumers.remove(link)
+        if link.router is not None:
+            links = self.router_links[link.router]
+            links.remove(link)
+            if not links:
+                del self.router_links[link.router]
         # Where its queued deliveries may go instead (on a multicast address, the others have their copies).
         multicast = entry.distribution is Distribution.MULTICAST
         mates = None if multicast else self._leave_group(entry, link)
@@ -406,7 +444,7 @@ class RouterCore:
                 self._copy_settled(delivery, RELEASED)
             if not delivery.queued:
                 self._move_on(delivery)
-        if not entry.consumers:
+        if not entry.consumers and link.router is None:
             self._lost_consumers(entry, local=True)
         self._forget_if_unused(entry)
 
@@ -470,12 +508,18 @@ class RouterCore:
         to: str | None,
         deadline: float | None,
         now: float,
+        ingress: str | None = None,
+        trace: tuple[str, ...] = (),
     ) -> Delivery:
-        """A new delivery arrived (the first frame of it, if `complete` is false)."""
+        """A new delivery arrived (the first frame of it, if `complete` is false). From another router, it
+        comes with the router where it entered the mesh and the routers it passed."""
         if link.credit > 0:
             link.credit -= 1
         link.held += 1
         delivery = Delivery(link, handle, payload, complete, settled, deadline)
+        if ingress is not None:
+            delivery.ingress = ingress
+            delivery.trace = trace
         if not settled:
             link.inflight[handle] = delivery
         entry = link.entry
@@ -492,13 +536,25 @@ class RouterCore:
             self.counters.expired += 1
             self._finish(delivery, EXPIRED)
             return delivery
-        if entry is None or not entry.consumers:
-            if settled:
-                self.counters.dropped_no_consumer += 1
-            else:
-                self.counters.released_no_consumer += 1
-            self._finish(delivery, RELEASED)
-            return delivery
+        if entry is None or not entry.reachable:
+            router = _dynamic_router(delivery.address) if entry is None else None
+            if router is None or router == self.router_id or not self._forward(delivery, router):
+                if settled:
+                    self.counters.dropped_no_consumer += 1
+                else:
+                    self.counters.released_no_consumer += 1
+                self._finish(delivery, RELEASED)
+                return delivery
+        elif entry.remote:
+            self._deliver_meshed(entry, delivery)
+        else:
+            self._deliver_here(entry, delivery)
+        if not delivery.queued:
+            self._move_on(delivery)
+        return delivery
+
+    def _deliver_here(self, entry: AddressEntry, delivery: Delivery) -> None:
+        """Offer the delivery to the address's consumers on this router."""
         if entry.distribution is Distribution.MULTICAST:
             delivery.unicast = False
             targets = list(entry.consumers)
@@ -518,9 +574,85 @@ class RouterCore:
             delivery.pending = len(pools)
             for pool_group in pools:
                 self._offer(self._choose(pool_group, entry.distribution), delivery)
-        if not delivery.queued:
-            self._move_on(delivery)
-        return delivery
+
+    def _deliver_meshed(self, entry: AddressEntry, delivery: Delivery) -> None:
+        """Offer the delivery to consumers here or on other routers (the address has some elsewhere)."""
+        distribution = entry.distribution
+        if distribution is Distribution.MULTICAST:
+            delivery.unicast = False
+            targets = list(entry.consumers)
+            if len(delivery.trace) < MAX_HOPS - 1:
+                visited = delivery.trace
+                for neighbour in self.multicast.get(delivery.ingress or self.router_id, ()):
+                    links = self.router_links.get(neighbour)
+                    if links and neighbour not in visited:
+                        targets.append(links[0])
+            delivery.pending = len(targets)
+            for consumer in targets:
+                self._offer(consumer, delivery)
+            if not targets:
+                self.counters.released_no_consumer += 1
+                self._finish(delivery, RELEASED)
+            return
+        local = entry.consumers and (distribution is Distribution.CLOSEST or entry.group is None)
+        if local:  # closest: a consumer here is the closest; pools: honoured among this router's consumers
+            self._deliver_here(entry, delivery)
+            return
+        balanced = distribution is Distribution.BALANCED
+        best = self._best_router(entry, delivery, balanced)
+        if entry.consumers:  # balanced: a consumer here if it is as lightly loaded
+            group = entry.group
+            assert group is not None
+            mine = self._choose(group, distribution)
+            if best is None or mine.load <= best[1]:
+                delivery.pending = 1
+                self._offer(mine, delivery)
+                return
+        if best is None or not self._forward(delivery, best[0], entry if balanced else None):
+            self.counters.released_no_consumer += 1
+            self._finish(delivery, RELEASED)
+
+    def _best_router(self, entry: AddressEntry, delivery: Delivery, balanced: bool) -> tuple[str, int] | None:
+        """The other router with consumers to send to, and its score: path cost, plus for balanced the
+        deliveries sent to it and not yet settled. Ties take turns."""
+        ties: list[str] = []
+        low = 0
+        routes = self.routes
+        for router in entry.remote:
+            route = routes.get(router)
+            if route is None or router in delivery.trace:
+                continue
+            score = route.cost + entry.toward.get(router, 0) if balanced else route.cost
+            if not ties or score < low:
+                ties, low = [router], score
+            elif score == low:
+                ties.append(router)
+        if not ties:
+            return None
+        group = entry.group
+        turn = 0
+        if group is not None and len(ties) > 1:
+            turn = group.rotation = group.rotation + 1
+        return sorted(ties)[turn % len(ties)], low
+
+    def _forward(self, delivery: Delivery, router: str, accounted: AddressEntry | None = None) -> bool:
+        """Send the delivery on toward another router, on a next hop it has not passed; False if none.
+        `accounted`: count it among the deliveries sent to that router until it is settled."""
+        route = self.routes.get(router)
+        if route is None or len(delivery.trace) >= MAX_HOPS - 1:
+            return False
+        for hop in route.next_hops:
+            links = self.router_links.get(hop)
+            if links and hop not in delivery.trace:
+                break
+        else:
+            return False
+        delivery.pending = 1
+        if accounted is not None and not delivery.settled:
+            delivery.toward = router
+            accounted.toward[router] = accounted.toward.get(router, 0) + 1
+        self._offer(links[0], delivery)
+        return True
 
     def _choose(self, group: ConsumerGroup, distribution: Distribution) -> ConsumerLink:
         consumers = group.consumers
@@ -644,6 +776,8 @@ class RouterCore:
     def _copy_settled(self, delivery: Delivery, outcome: Outcome) -> None:
         """One copy of the delivery reached its final state; settle the producer when all have."""
         delivery.pending -= 1
+        if delivery.toward is not None:
+            self._arrived(delivery)
         if delivery.unicast:
             final = outcome
         else:
@@ -655,6 +789,36 @@ class RouterCore:
                 return
             final = delivery.refusal or (ACCEPTED if delivery.accepted else RELEASED)
         self._settle_producer(delivery, final)
+
+    def _arrived(self, delivery: Delivery) -> None:
+        """A delivery sent toward another router is settled: it no longer weighs on that router's score."""
+        router, delivery.toward = delivery.toward, None
+        entry = self.entries.get(delivery.address)
+        if entry is not None and router is not None:
+            left = entry.toward.get(router, 0) - 1
+            if left > 0:
+                entry.toward[router] = left
+            else:
+                entry.toward.pop(router, None)
+
+    # -- the mesh ------------------------------------------------------------------------------------
+
+    def attach_router_link(self, handle: Handle, neighbour: str, owner: Any = None) -> ConsumerLink:
+        """The data link on which this router sends to a neighbouring router."""
+        entry = AddressEntry(f"_mesh/data/{neighbour}", Distribution.CLOSEST)  # its own, never in the table
+        link = ConsumerLink(handle, entry.address, entry, self._edge, owner, router=neighbour)
+        entry.consumers.append(link)
+        self.router_links.setdefault(neighbour, []).append(link)
+        return link
+
+    def set_routes(self, routes: Mapping[str, Route], multicast: Mapping[str, frozenset[str]]) -> None:
+        """The mesh computed new paths: every other reachable router, and the multicast trees."""
+        self.routes = routes
+        self.multicast = multicast
+        for address in list(self._remote_dynamic):
+            router = _dynamic_router(address)
+            assert router is not None
+            self.remote_changed(address, frozenset((router,)) if router in routes else frozenset())
 
     # -- time ----------------------------------------------------------------------------------------
 
@@ -678,3 +842,11 @@ class RouterCore:
     def _expire_copy(self, delivery: Delivery) -> None:
         self.counters.expired += 1
         self._copy_settled(delivery, EXPIRED)
+
+
+def _dynamic_router(address: str) -> str | None:
+    """The router that made a dynamic address (`_dynamic/<router id>/...`); None for other addresses."""
+    if not address.startswith(DYNAMIC_PREFIX):
+        return None
+    router, slash, _ = address[len(DYNAMIC_PREFIX) :].partition("/")
+    return router if slash else None

@@ -156,7 +156,9 @@ class MeshEdge:
             data = engine.core.attach_router_link(link, neighbour, conn)
             engine.links[link] = data
         else:
-            engine.links[link] = engine.core.attach_producer(link, None, conn.listener.link_capacity, conn)
+            engine.links[link] = engine.core.attach_producer(
+                link, None, conn.listener.link_capacity, conn, from_router=True
+            )
         conn.links.add(link)
 
     def connection_lost(self, conn: AmqpConnection) -> None:

@@ -23,6 +23,10 @@ Rules of this module:
    trace, and goes no further than MAX_HOPS routers. Dynamic addresses name their router
    (`_dynamic/<router id>/...`) and are reached through it. Pools are honoured among one router's consumers;
    across routers, an address's consumers elsewhere form one more group.
+7. Flow across the mesh, so that a slow consumer on one router never stalls a link between routers: a
+   delivery arriving from another router moves on at once (the link between routers always gets its
+   credit back), and an unsettled delivery that entered the mesh here occupies its producer's credit until
+   its outcome comes back. Memory anywhere in the mesh is so bounded by the producers' capacities.
 """
 
 from __future__ import annotations
@@ -160,6 +164,7 @@ class ProducerLink:
     held: int = 0  # deliveries received and not yet forwarded or settled
     inflight: dict[Handle, Delivery] = field(default_factory=dict)  # unsettled, by the edge's handle
     closed: bool = False
+    from_router: bool = False  # another router's data link: its deliveries move on at once (rule 7)
 
 
 @dataclass(slots=True, eq=False)
@@ -213,6 +218,7 @@ class Delivery:
     ingress: str | None = None  # the router where it entered the mesh (None: this one)
     trace: tuple[str, ...] = ()  # the routers it passed before this one
     toward: str | None = None  # the other router a unicast copy was sent to (balanced accounting)
+    held: bool = False  # sent on to another router: occupies its producer's credit until settled (rule 7)
 
 
 @dataclass(slots=True)
@@ -389,6 +395,7 @@ class RouterCore:
         dynamic: bool = False,
         *,
         edge: Edge | None = None,
+        from_router: bool = False,
     ) -> ProducerLink:
         """A client attached a sending link; `address` None is an anonymous-relay link, `dynamic` asks
         for an address of the router's making."""
@@ -397,7 +404,13 @@ class RouterCore:
         else:
             entry = None if address is None else self._entry(address)
         link = ProducerLink(
-            handle, entry.address if entry else None, capacity, edge or self._edge, owner, entry
+            handle,
+            entry.address if entry else None,
+            capacity,
+            edge or self._edge,
+            owner,
+            entry,
+            from_router=from_router,
         )
         if entry is not None:
             entry.producers.append(link)
@@ -549,7 +562,7 @@ class RouterCore:
             self._deliver_meshed(entry, delivery)
         else:
             self._deliver_here(entry, delivery)
-        if not delivery.queued:
+        if not delivery.queued or link.from_router:
             self._move_on(delivery)
         return delivery
 
@@ -587,6 +600,7 @@ class RouterCore:
                     links = self.router_links.get(neighbour)
                     if links and neighbour not in visited:
                         targets.append(links[0])
+                        self._hold(delivery)
             delivery.pending = len(targets)
             for consumer in targets:
                 self._offer(consumer, delivery)
@@ -651,8 +665,14 @@ class RouterCore:
         if accounted is not None and not delivery.settled:
             delivery.toward = router
             accounted.toward[router] = accounted.toward.get(router, 0) + 1
+        self._hold(delivery)
         self._offer(links[0], delivery)
         return True
+
+    def _hold(self, delivery: Delivery) -> None:
+        """An unsettled delivery entering the mesh here occupies its producer's credit until settled."""
+        if delivery.ingress is None and not delivery.settled:
+            delivery.held = True
 
     def _choose(self, group: ConsumerGroup, distribution: Distribution) -> ConsumerLink:
         consumers = group.consumers
@@ -699,7 +719,7 @@ class RouterCore:
 
     def _move_on(self, delivery: Delivery) -> None:
         """The delivery no longer occupies its producer's credit."""
-        if delivery.moved_on:
+        if delivery.moved_on or delivery.held:
             return
         delivery.moved_on = True
         link = delivery.link
@@ -733,6 +753,7 @@ class RouterCore:
         """The producer aborted a multi-frame delivery: queued copies are dropped."""
         delivery.aborted = True
         delivery.settled = True
+        delivery.held = False  # its copies are aborted: no outcome will come back
         delivery.link.inflight.pop(delivery.handle, None)
         self._unqueue(delivery)
         self._move_on(delivery)
@@ -788,6 +809,10 @@ class RouterCore:
             if delivery.pending > 0:
                 return
             final = delivery.refusal or (ACCEPTED if delivery.accepted else RELEASED)
+        if delivery.held:
+            delivery.held = False
+            if not delivery.queued:
+                self._move_on(delivery)
         self._settle_producer(delivery, final)
 
     def _arrived(self, delivery: Delivery) -> None:

@@ -38,6 +38,7 @@ from meshbus.amqp.pn import (
     PN_TRANSPORT_CLOSED,
     PN_TRANSPORT_ERROR,
     POOL_PROPERTY,
+    ROLE_PROPERTY,
     CData,
     pn_collector,
     pn_collector_peek,
@@ -215,7 +216,10 @@ class Engine:
         connection = pn_connection()
         pn_connection_collect(connection, self.collector)
         pn_connection_set_container(connection, self.router_id.encode())
-        pn.put_symbol_map(pn_connection_properties(connection), {"product": PRODUCT, "version": __version__})
+        properties = {"product": PRODUCT, "version": __version__}
+        if conn.inter_router:  # so that a router connecting to the wrong port (or a client) is told
+            properties[ROLE_PROPERTY] = "inter-router"
+        pn.put_symbol_map(pn_connection_properties(connection), properties)
         pn.put_symbol_array(pn_connection_offered_capabilities(connection), ["ANONYMOUS-RELAY"])
         self.by_connection[connection] = conn
         return connection

@@ -90,6 +90,21 @@ class MeshEdge:
             )
             self.engine.abort(conn, "amqp:connection:forced", "router id is this router's own")
             return
+        try:
+            role = pn.string_field(lib.pn_connection_remote_properties(conn.connection), pn.ROLE_PROPERTY)
+        except TypeError:
+            role = None
+        if role != "inter-router":
+            where = "connector to" if conn.outgoing else "inter-router listener, connection from"
+            log.error(
+                "%s %s: the peer (container %s) is not a meshbus router on an inter-router port; closing: "
+                "point connectors at an inter-router listener, and clients at a normal one",
+                where,
+                conn.peer,
+                conn.container,
+            )
+            self.engine.abort(conn, "amqp:connection:forced", "not an inter-router peer")
+            return
         self._peers[conn] = _Peer()
         if not conn.outgoing:
             return

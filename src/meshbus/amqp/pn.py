@@ -18,6 +18,8 @@ CData = Any  # a cffi pointer into proton
 
 # The link property (attach frame) by which a consumer names its pool, a string: see router/core.py, rule 5.
 POOL_PROPERTY: Final = "meshbus:pool"
+# The Open frame property by which both ends of an inter-router connection say so: its value "inter-router".
+ROLE_PROPERTY: Final = "meshbus:role"
 
 PN_CONNECTION_REMOTE_CLOSE: Final = lib.PN_CONNECTION_REMOTE_CLOSE
 PN_CONNECTION_REMOTE_OPEN: Final = lib.PN_CONNECTION_REMOTE_OPEN

@@ -495,3 +495,19 @@ def test_a_presettled_delivery_without_a_route_is_counted_as_dropped(a, address)
     a.send(a.producer(address), settled=True)
     assert a.edge.sends == a.edge.settles == []
     assert (a.core.counters.dropped_no_consumer, a.core.counters.released_no_consumer) == (1, 0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: RouterCore.refuse leaves Delivery.held set on a delivery sent toward another router "
+    "(rule 7), so _finish's _move_on returns early: its producer's link loses that credit for good",
+)
+def test_a_refused_delivery_sent_toward_another_router_gives_its_credit_back(a):
+    a.core.remote_changed("near/x", frozenset({"B"}))
+    producer = a.producer("near/x")
+    delivery = a.send(producer, complete=False)
+    assert a.edge.receivers(delivery) == [link_to(a, "B")]
+    a.core.refuse(delivery, rejected("amqp:link:message-size-exceeded", "too large"))
+    a.core.stream_finished(link_to(a, "B"), NOW, aborted=a.edge.handle(link_to(a, "B"), delivery))
+    assert producer.held == 0
+    assert a.edge.producer_credit[producer] == CAPACITY

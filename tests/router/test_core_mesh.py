@@ -377,11 +377,6 @@ def test_producer_on_an_unreachable_routers_dynamic_address_waits_for_a_route_to
     assert a.edge.granted(producer) == [CAPACITY]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: RouterCore._entry sets entry.remote for another router's dynamic address without telling "
-    "the watchers, so they hear reachable(False) when the router goes, never reachable(True) first",
-)
 def test_watchers_see_another_routers_dynamic_address_come_and_go_with_that_router(a):
     watcher = RecordingWatcher()
     a.core.watchers.append(watcher)
@@ -396,12 +391,6 @@ def test_watchers_see_another_routers_dynamic_address_come_and_go_with_that_rout
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: RouterCore._entry applies the address rules to another router's dynamic address (its own "
-    "are exempt): a multicast rule sends copies down the multicast tree instead of toward that router, an "
-    "unavailable rule refuses the attach",
-)
 @pytest.mark.parametrize("rule", [Distribution.MULTICAST, Distribution.UNAVAILABLE])
 def test_producer_on_another_routers_dynamic_address_is_not_subject_to_the_address_rules(rule):
     router = Router(DistributionRules([AddressRule(pattern="#", distribution=rule)]), router_id="A")
@@ -452,11 +441,6 @@ def test_router_link_detach_leaves_the_addresses_local_consumers_alone(a):
     assert watcher.events == [LOCAL_ON, REACHABLE_ON]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: RouterCore._unqueue looks for queued copies among the address's consumers only, not on "
-    "router links: an aborted (or refused) delivery queued on a router link is sent once it has credit",
-)
 @pytest.mark.parametrize("ended_by", ["producer-abort", "edge-refusal"])
 def test_a_dropped_delivery_queued_on_a_router_link_is_never_sent(a, ended_by):
     a.core.remote_changed("near/x", frozenset({"B"}))
@@ -472,22 +456,13 @@ def test_a_dropped_delivery_queued_on_a_router_link_is_never_sent(a, ended_by):
     assert a.edge.sent_to(to_b) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: RouterCore.detach_consumer of a router link pops the table's entry named like the link's "
-    "private one (_mesh/data/<neighbour>) even when clients' consumers use that address",
-)
-def test_router_link_detach_leaves_a_clients_address_of_the_same_name_in_the_table(a):
-    consumer = a.consumer("_mesh/data/B", credit=5)
-    a.core.detach_consumer(link_to(a, "B"), NOW)
-    assert a.core.entries.get("_mesh/data/B") is consumer.entry
+def test_clients_cannot_attach_to_the_routers_own_addresses(a):
+    with pytest.raises(AttachError, match="_mesh/"):
+        a.consumer("_mesh/data/B", credit=5)
+    with pytest.raises(AttachError, match="_mesh/"):
+        a.producer("_mesh/control")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: RouterCore._deliver_meshed counts a pre-settled delivery it cannot route as "
-    "released_no_consumer, where deliver() counts such deliveries as dropped_no_consumer",
-)
 @pytest.mark.parametrize("address", ["near/x", "work", "multi/x"])
 def test_a_presettled_delivery_without_a_route_is_counted_as_dropped(a, address):
     a.core.remote_changed(address, frozenset({"F"}))
@@ -497,11 +472,6 @@ def test_a_presettled_delivery_without_a_route_is_counted_as_dropped(a, address)
     assert (a.core.counters.dropped_no_consumer, a.core.counters.released_no_consumer) == (1, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: RouterCore.refuse leaves Delivery.held set on a delivery sent toward another router "
-    "(rule 7), so _finish's _move_on returns early: its producer's link loses that credit for good",
-)
 def test_a_refused_delivery_sent_toward_another_router_gives_its_credit_back(a):
     a.core.remote_changed("near/x", frozenset({"B"}))
     producer = a.producer("near/x")
@@ -511,3 +481,13 @@ def test_a_refused_delivery_sent_toward_another_router_gives_its_credit_back(a):
     a.core.stream_finished(link_to(a, "B"), NOW, aborted=a.edge.handle(link_to(a, "B"), delivery))
     assert producer.held == 0
     assert a.edge.producer_credit[producer] == CAPACITY
+
+
+@pytest.mark.parametrize("address", ["work", "near/x"])  # balanced, closest
+def test_local_pools_each_get_a_copy_and_the_consumers_elsewhere_one_more(a, address):
+    first, second = a.consumer(address, credit=5, pool="p1"), a.consumer(address, credit=5, pool="p2")
+    a.core.remote_changed(address, frozenset({"D"}))
+    delivery = a.send(a.producer(address))
+    receivers = a.edge.receivers(delivery)
+    assert receivers[:2] == [first, second]
+    assert receivers[2:] in ([link_to(a, "B")], [link_to(a, "C")])

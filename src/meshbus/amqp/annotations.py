@@ -79,6 +79,18 @@ def _decode(section: bytes) -> dict[Any, Any]:
     value = getattr(described, "value", None)
     if not isinstance(value, dict):
         raise AnnotationError("the message-annotations section is not a map")
+    return _owned(value)
+
+
+def _owned(value: Any) -> Any:
+    """The value with its binaries copied: proton hands them out as views of the Data's own buffer, which
+    goes with the Data."""
+    if isinstance(value, memoryview):
+        return bytes(value)
+    if isinstance(value, dict):
+        return type(value)((_owned(k), _owned(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return [_owned(item) for item in value]
     return value
 
 

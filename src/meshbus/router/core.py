@@ -42,6 +42,7 @@ from meshbus.router.addressing import Distribution, DistributionRules
 # The most routers a delivery may pass; beyond, it is released (a routing loop while the mesh converges).
 MAX_HOPS: Final = 32
 DYNAMIC_PREFIX: Final = "_dynamic/"
+MESH_PREFIX: Final = "_mesh/"  # the routers' own links: never in the address table
 
 # The edge's reference to a proton link or delivery: opaque to the core, used as a dictionary key.
 Handle = Any
@@ -264,17 +265,21 @@ class RouterCore:
     def _entry(self, address: str, distribution: Distribution | None = None) -> AddressEntry:
         entry = self.entries.get(address)
         if entry is None:
+            if address.startswith(MESH_PREFIX):
+                raise AttachError("amqp:not-allowed", f"addresses under {MESH_PREFIX} are the routers' own")
+            router = _dynamic_router(address)
+            if router is not None:  # made by a router, whatever the rules say: its consumer is one link
+                distribution = Distribution.CLOSEST
             distribution = distribution or self._rules.lookup(address)
             if distribution is Distribution.UNAVAILABLE:
                 raise AttachError("amqp:not-found", f"address {address!r} is configured unavailable")
             entry = AddressEntry(address, distribution)
             self.entries[address] = entry
-            router = _dynamic_router(address)
             if router is not None and router != self.router_id:
                 # Another router's dynamic address: reached through that router while it is reachable.
                 self._remote_dynamic.add(address)
                 if router in self.routes:
-                    entry.remote = frozenset((router,))
+                    self.remote_changed(address, frozenset((router,)))
         return entry
 
     def _forget_if_unused(self, entry: AddressEntry) -> None:
@@ -551,13 +556,12 @@ class RouterCore:
             return delivery
         if entry is None or not entry.reachable:
             router = _dynamic_router(delivery.address) if entry is None else None
-            if router is None or router == self.router_id or not self._forward(delivery, router):
-                if settled:
-                    self.counters.dropped_no_consumer += 1
-                else:
-                    self.counters.released_no_consumer += 1
-                self._finish(delivery, RELEASED)
+            via = None if router is None or router == self.router_id else self._toward(delivery, router)
+            if via is None:
+                self._unroutable(delivery)
                 return delivery
+            delivery.pending = 1
+            self._offer(via, delivery)
         elif entry.remote:
             self._deliver_meshed(entry, delivery)
         else:
@@ -565,6 +569,14 @@ class RouterCore:
         if not delivery.queued or link.from_router:
             self._move_on(delivery)
         return delivery
+
+    def _unroutable(self, delivery: Delivery) -> None:
+        """No consumer for the delivery, here or reachable: released (dropped if pre-settled), counted."""
+        if delivery.settled:
+            self.counters.dropped_no_consumer += 1
+        else:
+            self.counters.released_no_consumer += 1
+        self._finish(delivery, RELEASED)
 
     def _deliver_here(self, entry: AddressEntry, delivery: Delivery) -> None:
         """Offer the delivery to the address's consumers on this router."""
@@ -591,9 +603,10 @@ class RouterCore:
     def _deliver_meshed(self, entry: AddressEntry, delivery: Delivery) -> None:
         """Offer the delivery to consumers here or on other routers (the address has some elsewhere)."""
         distribution = entry.distribution
+        targets: list[ConsumerLink] = []
         if distribution is Distribution.MULTICAST:
             delivery.unicast = False
-            targets = list(entry.consumers)
+            targets += entry.consumers
             if len(delivery.trace) < MAX_HOPS - 1:
                 visited = delivery.trace
                 for neighbour in self.multicast.get(delivery.ingress or self.router_id, ()):
@@ -601,30 +614,30 @@ class RouterCore:
                     if links and neighbour not in visited:
                         targets.append(links[0])
                         self._hold(delivery)
-            delivery.pending = len(targets)
-            for consumer in targets:
-                self._offer(consumer, delivery)
-            if not targets:
-                self.counters.released_no_consumer += 1
-                self._finish(delivery, RELEASED)
+        elif entry.consumers and distribution is Distribution.CLOSEST and entry.group is not None:
+            self._deliver_here(entry, delivery)  # a consumer here is the closest
             return
-        local = entry.consumers and (distribution is Distribution.CLOSEST or entry.group is None)
-        if local:  # closest: a consumer here is the closest; pools: honoured among this router's consumers
-            self._deliver_here(entry, delivery)
-            return
-        balanced = distribution is Distribution.BALANCED
-        best = self._best_router(entry, delivery, balanced)
-        if entry.consumers:  # balanced: a consumer here if it is as lightly loaded
+        else:
+            balanced = distribution is Distribution.BALANCED
+            best = self._best_router(entry, delivery, balanced)
             group = entry.group
-            assert group is not None
-            mine = self._choose(group, distribution)
-            if best is None or mine.load <= best[1]:
-                delivery.pending = 1
-                self._offer(mine, delivery)
-                return
-        if best is None or not self._forward(delivery, best[0], entry if balanced else None):
-            self.counters.released_no_consumer += 1
-            self._finish(delivery, RELEASED)
+            if group is None:  # local pools: a copy for each, and one more for the consumers elsewhere
+                delivery.unicast = False
+                targets += [self._choose(pool, distribution) for pool in entry.pools]
+            elif entry.consumers:  # balanced: a consumer here if it is as lightly loaded
+                mine = self._choose(group, distribution)
+                if best is None or mine.load <= best[1]:
+                    best = None
+                    targets.append(mine)
+            if best is not None:
+                via = self._toward(delivery, best[0], entry if balanced else None)
+                if via is not None:
+                    targets.append(via)
+        delivery.pending = len(targets)
+        for consumer in targets:
+            self._offer(consumer, delivery)
+        if not targets:
+            self._unroutable(delivery)
 
     def _best_router(self, entry: AddressEntry, delivery: Delivery, balanced: bool) -> tuple[str, int] | None:
         """The other router with consumers to send to, and its score: path cost, plus for balanced the
@@ -649,25 +662,25 @@ class RouterCore:
             turn = group.rotation = group.rotation + 1
         return sorted(ties)[turn % len(ties)], low
 
-    def _forward(self, delivery: Delivery, router: str, accounted: AddressEntry | None = None) -> bool:
-        """Send the delivery on toward another router, on a next hop it has not passed; False if none.
-        `accounted`: count it among the deliveries sent to that router until it is settled."""
+    def _toward(
+        self, delivery: Delivery, router: str, accounted: AddressEntry | None = None
+    ) -> ConsumerLink | None:
+        """The router link to send the delivery on toward another router, on a next hop it has not passed
+        (None if none). `accounted`: count it among the deliveries sent to that router until settled."""
         route = self.routes.get(router)
         if route is None or len(delivery.trace) >= MAX_HOPS - 1:
-            return False
+            return None
         for hop in route.next_hops:
             links = self.router_links.get(hop)
             if links and hop not in delivery.trace:
                 break
         else:
-            return False
-        delivery.pending = 1
-        if accounted is not None and not delivery.settled:
+            return None
+        if accounted is not None and not delivery.settled and delivery.toward is None:
             delivery.toward = router
             accounted.toward[router] = accounted.toward.get(router, 0) + 1
         self._hold(delivery)
-        self._offer(links[0], delivery)
-        return True
+        return links[0]
 
     def _hold(self, delivery: Delivery) -> None:
         """An unsettled delivery entering the mesh here occupies its producer's credit until settled."""
@@ -760,10 +773,11 @@ class RouterCore:
 
     def _unqueue(self, delivery: Delivery) -> None:
         """Take the delivery's waiting copies out of its consumers' queues."""
-        entry = self.entries.get(delivery.address)
-        if entry is None or not delivery.queued:
+        if not delivery.queued:
             return
-        for link in entry.consumers:
+        entry = self.entries.get(delivery.address)
+        links = [link for links in self.router_links.values() for link in links]
+        for link in links + (entry.consumers if entry is not None else []):
             if delivery in link.queue:
                 link.queue.remove(delivery)
                 delivery.queued -= 1
@@ -773,6 +787,7 @@ class RouterCore:
         self.counters.rejected += 1
         self._unqueue(delivery)
         delivery.aborted = True
+        delivery.held = False  # its copies are aborted: no outcome will come back
         self._finish(delivery, outcome)
 
     # -- outcomes ------------------------------------------------------------------------------------
@@ -830,7 +845,7 @@ class RouterCore:
 
     def attach_router_link(self, handle: Handle, neighbour: str, owner: Any = None) -> ConsumerLink:
         """The data link on which this router sends to a neighbouring router."""
-        entry = AddressEntry(f"_mesh/data/{neighbour}", Distribution.CLOSEST)  # its own, never in the table
+        entry = AddressEntry(f"{MESH_PREFIX}data/{neighbour}", Distribution.CLOSEST)  # never in the table
         link = ConsumerLink(handle, entry.address, entry, self._edge, owner, router=neighbour)
         entry.consumers.append(link)
         self.router_links.setdefault(neighbour, []).append(link)

@@ -79,7 +79,8 @@ def _decode(section: bytes) -> dict[Any, Any]:
     value = getattr(described, "value", None)
     if not isinstance(value, dict):
         raise AnnotationError("the message-annotations section is not a map")
-    return _owned(value)
+    owned: dict[Any, Any] = _owned(value)
+    return owned
 
 
 def _owned(value: Any) -> Any:

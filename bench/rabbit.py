@@ -6,8 +6,8 @@ answers, and stopping both processes by PID.
 Must not: install anything, listen beyond 127.0.0.1, touch the system's RabbitMQ service or an epmd it did
 not start, or signal a process it did not start.
 
-Imported as `rabbit` by the scripts in bench/ and as `bench.rabbit` by the tests, so it imports nothing from
-bench/.
+Imported as `rabbit` by the scripts in bench/ and by tests/broker.py (which puts bench/ on sys.path): it
+needs the standard library only, so the tests load no benchmark code.
 """
 
 from __future__ import annotations

@@ -6,10 +6,13 @@
 2. AMQP 1.0 clients log in anonymously (SASL ANONYMOUS) as the plugin's default user, guest.
 3. Without Debian's rabbitmq-server the tests that ask for it are skipped, saying what to install.
 
-Behaviours of the plugin (RabbitMQ 3.10) that tests and the router rely on:
-- `/queue/NAME` is queue NAME, declared on attach; durable only when the link's terminus asks for it;
+Behaviours of the plugin (RabbitMQ 3.10) that tests and the router must allow for:
+- `/queue/NAME` is queue NAME, declared on attach; durable only when the link's terminus asks for it, and
+  once durable, a link asking for a non-durable terminus ends its session (amqp:precondition-failed);
 - a message sent to `/amq/queue/NAME` for a queue that does not exist is accepted and dropped;
-- a released or modified message comes back with its delivery count still 0.
+- a released message comes back with its delivery count still 0 (first-acquirer false);
+- the modified outcome is unknown to it, whatever its flags: it ends the consumer's session
+  (amqp:invalid-field, "Unrecognised state"); it knows accepted, rejected and released only.
 """
 
 from __future__ import annotations

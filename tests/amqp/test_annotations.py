@@ -1,4 +1,4 @@
-"""The mesh's message annotations: stamp, mesh_fields and strip on messages proton encodes."""
+"""The mesh's message annotations: stamp and take on messages proton encodes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,17 @@ from typing import Any
 import pytest
 from proton import Message, int32, symbol, timestamp, ubyte
 
-from meshbus.amqp.annotations import INGRESS, TO, TRACE, AnnotationError, mesh_fields, stamp, strip
+from meshbus.amqp.annotations import INGRESS, TO, TRACE, AnnotationError, MeshFields, stamp, take
 from meshbus.amqp.peek import annotations_span
+
+
+def mesh_fields(payload: bytes | bytearray) -> MeshFields:
+    return take(payload)[0]
+
+
+def strip(payload: bytes | bytearray) -> bytes | bytearray:
+    return take(payload)[1]
+
 
 PLAIN = Message(body="hello", address="work").encode()
 FOREIGN = symbol("x-opt-other")

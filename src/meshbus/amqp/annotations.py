@@ -2,11 +2,10 @@
 
 Rules of this module:
 1. Between routers a message carries, in its message-annotations section, `x-opt-meshbus.ingress` (the
-   router where it entered the mesh), `x-opt-meshbus.trace` (the routers it passed, in order) and, when the
-   address came from the producer's link rather than the message's `to`, `x-opt-meshbus.to`. `stamp` sets
-   them before a message goes to another router; `mesh_fields` gets them back on arrival; `strip` removes them
-   before a message leaves the mesh to a client, which sees the message as its producer sent it (other
-   annotations kept).
+   router where it entered the mesh), `x-opt-meshbus.trace` (the routers it passed, in order) and
+   `x-opt-meshbus.to` (the address it is routed by: its producer's link's target, or else its `to`).
+   `stamp` sets them before a message goes to another router; `take` gets them back on arrival and removes
+   them, so that a client sees the message as its producer sent it (other annotations kept).
 2. proton encodes and decodes the section; this module only splices sections, found by peek.annotations_span.
    The same few sections recur (one per path and address), so results are cached by the section's bytes.
 3. No state beyond those caches, no I/O.
@@ -24,7 +23,6 @@ from meshbus.amqp.peek import annotations_span
 INGRESS: Final = symbol("x-opt-meshbus.ingress")
 TRACE: Final = symbol("x-opt-meshbus.trace")
 TO: Final = symbol("x-opt-meshbus.to")
-_OURS: Final = (INGRESS, TRACE, TO)
 _MESSAGE_ANNOTATIONS: Final = 0x72
 _CACHE_SIZE: Final = 4096
 
@@ -37,27 +35,21 @@ class AnnotationError(ValueError):
     """The message's annotations cannot be read (not a valid message-annotations section)."""
 
 
-def mesh_fields(payload: bytes | bytearray) -> MeshFields:
-    """The mesh's fields of a message that came from another router."""
+def take(payload: bytes | bytearray) -> tuple[MeshFields, bytes | bytearray]:
+    """The mesh's fields of a message that came from another router, and the message without them: as its
+    producer sent it, for a client (a router stamps it again)."""
     start, end = _span(payload)
     if start == end:
-        return _NONE
-    return _read_section(bytes(payload[start:end]))
+        return _NONE, payload
+    fields, rest = _taken(bytes(payload[start:end]))
+    return fields, b"".join((payload[:start], rest, payload[end:]))
 
 
 def stamp(payload: bytes | bytearray, ingress: str, trace: tuple[str, ...], to: str | None) -> bytes:
     """The message with the mesh's fields set to these, for sending to another router."""
     start, end = _span(payload)
     section = _stamped(bytes(payload[start:end]), ingress, trace, to)
-    return bytes(payload[:start]) + section + bytes(payload[end:])
-
-
-def strip(payload: bytes | bytearray) -> bytes | bytearray:
-    """The message without the mesh's fields, for a client."""
-    start, end = _span(payload)
-    if start == end:
-        return payload
-    return bytes(payload[:start]) + _stripped(bytes(payload[start:end])) + bytes(payload[end:])
+    return b"".join((payload[:start], section, payload[end:]))
 
 
 def _span(payload: bytes | bytearray) -> tuple[int, int]:
@@ -108,9 +100,14 @@ def _encode(annotations: dict[Any, Any]) -> bytes:
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def _read_section(section: bytes) -> MeshFields:
+def _taken(section: bytes) -> tuple[MeshFields, bytes]:
+    """The mesh's fields in a message-annotations section, and the section without them (maybe none)."""
     annotations = _decode(section)
-    ingress, trace, to = annotations.get(INGRESS), annotations.get(TRACE), annotations.get(TO)
+    ingress, trace, to = (
+        annotations.pop(INGRESS, None),
+        annotations.pop(TRACE, None),
+        annotations.pop(TO, None),
+    )
     if ingress is not None and not isinstance(ingress, str):
         raise AnnotationError(f"{INGRESS} is not a string")
     if trace is None:
@@ -119,7 +116,8 @@ def _read_section(section: bytes) -> MeshFields:
         raise AnnotationError(f"{TRACE} is not a list of strings")
     if to is not None and not isinstance(to, str):
         raise AnnotationError(f"{TO} is not a string")
-    return (None if ingress is None else str(ingress)), tuple(str(hop) for hop in trace), to and str(to)
+    fields = (None if ingress is None else str(ingress)), tuple(str(hop) for hop in trace), to and str(to)
+    return fields, _encode(annotations)
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
@@ -131,12 +129,4 @@ def _stamped(section: bytes, ingress: str, trace: tuple[str, ...], to: str | Non
         annotations.pop(TO, None)
     else:
         annotations[TO] = to
-    return _encode(annotations)
-
-
-@functools.lru_cache(maxsize=_CACHE_SIZE)
-def _stripped(section: bytes) -> bytes:
-    annotations = _decode(section)
-    for key in _OURS:
-        annotations.pop(key, None)
     return _encode(annotations)

@@ -13,16 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from os import sched_yield
 from collections.abc import Callable
 from concurrent.futures import Executor
+from os import sched_yield
 from typing import TYPE_CHECKING, Final
 
 from cproton_ffi import ffi
 
 from meshbus import PRODUCT, __version__
 from meshbus.amqp import pn
-from meshbus.amqp.annotations import AnnotationError, mesh_fields, stamp, strip
+from meshbus.amqp.annotations import AnnotationError, stamp, take
 from meshbus.amqp.connection import WRITE_HIGH_WATER, AmqpConnection
 from meshbus.amqp.peek import Scan, peek
 from meshbus.amqp.pn import (
@@ -674,7 +674,7 @@ class Engine:
         owner: AmqpConnection = link.owner
         if owner.inter_router:  # from another router: where it entered the mesh, and its path
             try:
-                ingress, trace, via = mesh_fields(payload)
+                (ingress, trace, via), payload = take(payload)  # the client gets the producer's message
             except AnnotationError as error:
                 self._refuse(link, delivery, handle, partial, rejected("amqp:decode-error", str(error)))
                 return
@@ -837,8 +837,6 @@ class Engine:
             payload = stamp(
                 payload, delivery.ingress or router_id, (*delivery.trace, router_id), delivery.address
             )
-        elif delivery.ingress is not None:  # leaving the mesh: the client sees the producer's message
-            payload = strip(payload)
         size = len(payload)
         # cffi passes a bytes object to a `char *` as it is; other buffers need wrapping (0.2 us more).
         pn_link_send(handle, payload if isinstance(payload, bytes) else from_buffer(payload), size)

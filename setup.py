@@ -13,6 +13,7 @@ COMPILED = [
     "src/meshbus/router/addressing.py",
     "src/meshbus/router/core.py",
     "src/meshbus/amqp/peek.py",
+    "src/meshbus/amqp/annotations.py",
     "src/meshbus/amqp/pn.py",
     "src/meshbus/amqp/engine.py",
     "src/meshbus/amqp/connection.py",

@@ -14,7 +14,7 @@ Rules of this module:
 from __future__ import annotations
 
 import functools
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from proton import Data, symbol
 
@@ -72,6 +72,7 @@ def _decode(section: bytes) -> dict[Any, Any]:
     if not isinstance(value, dict):
         raise AnnotationError("the message-annotations section is not a map")
     owned: dict[Any, Any] = _owned(value)
+    data.clear()  # the Data lives until its views are copied (compiled code may free a local after last use)
     return owned
 
 
@@ -96,7 +97,8 @@ def _encode(annotations: dict[Any, Any]) -> bytes:
     data.put_ulong(_MESSAGE_ANNOTATIONS)
     data.put_object(annotations)
     data.exit()
-    return bytes(data.encode())
+    # A bytearray, whatever proton's hints say: called untyped, so that compiled code does not check them.
+    return bytes(cast(Any, data).encode())
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)

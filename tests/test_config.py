@@ -243,7 +243,7 @@ def test_address_rules_are_checked(tmp_path, text, message):
             '[[listener]]\ncolour = "blue"\n',
             "router.toml:2: listener[0].colour: unknown field; the fields allowed here are host, port,"
             " sasl_mechanisms, authenticate_peer, idle_timeout, max_frame_size, link_capacity,"
-            " max_message_size",
+            " max_message_size, role, cost",
         ),
         (
             '[router]\nname = "a"\n',
@@ -257,7 +257,8 @@ def test_address_rules_are_checked(tmp_path, text, message):
         ),
         (
             "[router]\n\n[listeners]\nport = 1\n",
-            "router.toml:3: listeners: unknown field; the fields allowed here are router, listener, address",
+            "router.toml:3: listeners: unknown field; the fields allowed here are router, listener,"
+            " connector, mesh, address, store, queue",
         ),
     ],
 )

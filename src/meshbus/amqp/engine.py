@@ -117,7 +117,7 @@ from meshbus.amqp.pn import (
     pn_transport_unbind,
 )
 from meshbus.config import ListenerConfig
-from meshbus.router.addressing import DistributionRules
+from meshbus.router.addressing import DistributionRules, QueueRules
 from meshbus.router.core import (
     ACCEPTED_KIND,
     MODIFIED_KIND,
@@ -171,10 +171,13 @@ class Engine:
         users: UserDatabase | None,
         executor: Executor | None = None,
         busy_poll: float = 0.0,
+        queues: QueueRules | None = None,
     ) -> None:
         self.router_id = router_id
         self.collector = pn_collector()
-        self.core = RouterCore(self, rules, dynamic_prefix=f"_dynamic/{router_id}/{time.time_ns():x}.")
+        self.core = RouterCore(
+            self, rules, dynamic_prefix=f"_dynamic/{router_id}/{time.time_ns():x}.", queues=queues
+        )
         self.users = users
         self.executor = executor
         self.connections: set[AmqpConnection] = set()

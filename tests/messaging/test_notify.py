@@ -166,7 +166,8 @@ def test_endpoints_get_only_the_notifications_their_filters_let_through(api: Api
     ]
     for publisher_id, ctxt, event_type, payload in sent:
         api.notifier(transport, publisher_id, topics=[topic]).info(ctxt, event_type, payload)
-    # Every notification was acknowledged, whether an endpoint took it or not; each endpoint got its own.
+    # Each endpoint got its own; "all", called last, got every one.
+    endpoints["all"].inbox.wait_for(4)
     got = {name: [n["payload"]["n"] for n in endpoint.inbox.items] for name, endpoint in endpoints.items()}
     assert got == {"compute": [0, 1], "create": [0], "alice": [0, 2], "active": [0, 2], "all": [0, 1, 2, 3]}
 
@@ -240,8 +241,12 @@ def test_a_requeued_notification_is_delivered_again(api: Api, topic: str) -> Non
 def test_requeue_is_ignored_unless_the_listener_allows_it(api: Api, topic: str) -> None:
     endpoint = RequeueFirst()
     api.listener(api.transport(), [Target(topic=topic)], [endpoint])
-    api.notifier(api.transport(), "p", topics=[topic], timeout=30.0).info({}, "e", "once")
-    assert [payload for payload, _ in endpoint.inbox.items] == ["once"]
+    notifier = api.notifier(api.transport(), "p", topics=[topic], timeout=30.0)
+    notifier.info({}, "e", "once")
+    endpoint.inbox.wait_for(1)
+    notifier.info({}, "e", "next")
+    # A requeued notification would come back before the next one.
+    assert [payload for payload, _ in endpoint.inbox.wait_for(2)] == ["once", "next"]
 
 
 # -- pools --------------------------------------------------------------------------------------------------

@@ -201,24 +201,32 @@ class RouterConfig(_Table):
     store: StoreSettings = Field(default_factory=StoreSettings)
     queue: list[QueueConfig] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _dead_letters_are_queues(self) -> RouterConfig:
+    def dead_letter_errors(self) -> list[tuple[int, str]]:
+        """(index of the [[queue]] table, what is wrong) for each dead_letter that is not a queue of another
+        rule (its dead letters would be dropped, or come back to it)."""
         rules = self.queue_rules()
-        for queue in self.queue:
+        errors = []
+        for index, queue in enumerate(self.queue):
             if queue.dead_letter is None:
                 continue
             rule = rules.lookup(queue.dead_letter)
             if rule is None:
-                raise ValueError(
-                    f"dead_letter {queue.dead_letter!r} of the queue rule {queue.rule().key!r} is not a "
-                    "queue address; add a [[queue]] rule matching it, or choose an address one matches"
+                errors.append(
+                    (
+                        index,
+                        f"{queue.dead_letter!r} is not a queue address; add a [[queue]] rule matching it, or "
+                        "choose an address one matches",
+                    )
                 )
-            if rule == queue.rule():
-                raise ValueError(
-                    f"dead_letter {queue.dead_letter!r} is a queue of the rule {rule.key!r} itself, so its "
-                    "dead letters would come back to it; choose an address another [[queue]] rule matches"
+            elif rule == queue.rule():
+                errors.append(
+                    (
+                        index,
+                        f"{queue.dead_letter!r} is a queue of this rule itself, so its dead letters would "
+                        "come back to it; choose an address another [[queue]] rule matches",
+                    )
                 )
-        return self
+        return errors
 
     def distribution_rules(self) -> DistributionRules:
         """The built-in rules followed by the configured ones (which win ties)."""
@@ -267,6 +275,16 @@ def load_config(path: Path) -> RouterConfig:
     except ValidationError as exc:
         lines = text.splitlines()
         raise ConfigError("\n".join(_describe(path, lines, error) for error in exc.errors())) from None
+    dead_letters = config.dead_letter_errors()
+    if dead_letters:
+        lines = text.splitlines()
+        found = [
+            (index, _find_line(lines, ("queue", index, "dead_letter")), error)
+            for index, error in dead_letters
+        ]
+        raise ConfigError(
+            "\n".join(f"{path}:{line}: queue[{index}].dead_letter: {error}" for index, line, error in found)
+        )
     if config.router.users_file is not None:
         config.router.users_file = (path.parent / config.router.users_file).resolve()
     if config.store.path is not None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from proton import Message
-from proton.utils import BlockingConnection
+from proton import Disposition, Message
+from proton.utils import BlockingConnection, SendException
 
 from meshbus.messaging import (
     MessageDeliveryFailure,
@@ -197,3 +198,27 @@ def test_a_rejected_or_too_often_failed_message_goes_to_the_dead_letter_queue(ro
         assert bodies == Counter(["rejected", "failing"])
     finally:
         connection.close()
+
+
+def test_a_message_of_several_frames_is_refused_by_a_queue_with_an_error(router: Start) -> None:
+    url = router({}).url
+    address = notify_address(Target(topic="large"), "info")
+    connection = BlockingConnection(url, timeout=WAIT)
+    try:
+        sender = connection.create_sender(address)
+        with pytest.raises(SendException) as refused:
+            sender.send(Message(body="x" * 200_000))  # over the default 64 KiB frame
+        assert refused.value.state == Disposition.REJECTED
+        sender.send(Message(body="small"))  # the queue still takes the next one
+        receiver = connection.create_receiver(address)
+        assert receiver.receive(timeout=WAIT).body == "small"
+        receiver.accept()
+    finally:
+        connection.close()
+
+
+def test_a_second_router_on_a_store_in_use_does_not_start(router: Start, tmp_path: Path) -> None:
+    shared: Config = {"store": {"path": str(tmp_path / "one.db")}}
+    router(shared)
+    with pytest.raises(RuntimeError, match=r"the store .*one\.db is in use by another router"):
+        router(shared)

@@ -11,10 +11,13 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO
 
 from meshbus.config import RouterConfig
 from meshbus.router.core import RouterCore
@@ -40,6 +43,7 @@ class StoreHost:
         self._commit: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_at: float | None = None  # epoch seconds the timer is armed for
+        self._lock: IO[bytes] | None = None  # held while the store is open: one router per store file
 
     @classmethod
     def open(cls, config: RouterConfig, core: RouterCore) -> StoreHost:
@@ -56,6 +60,7 @@ class StoreHost:
 
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            lock = _lock(path)
             store = Store.open(path, limits_of)
         except (OSError, sqlite3.Error) as error:
             raise SystemExit(
@@ -63,6 +68,7 @@ class StoreHost:
                 "directory's permissions, or set enabled = false in [store]"
             ) from error
         host = cls(store, core, config)
+        host._lock = lock
         host.endpoint.start()
         messages = sum(queue.depth for queue in store.queues.values())
         log.info(
@@ -145,4 +151,21 @@ class StoreHost:
         except EngineFailed as error:
             log.error("%s", error)
         self._writer.shutdown()
+        if self._lock is not None:
+            self._lock.close()
         log.info("store %s closed: %s", self.store.engine.path, self.endpoint.counters)
+
+
+def _lock(path: Path) -> IO[bytes]:
+    """Hold `<store>.lock` exclusively (released by the kernel if the process dies): two routers on one store
+    file would each take the other's messages for their own."""
+    lock = open(f"{path}.lock", "ab")  # noqa: SIM115 (held open for as long as the store is)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise SystemExit(
+            f"meshbus: error: the store {path} is in use by another router; give each router its own store "
+            "(the [store] path, or a distinct [router] id for the default path)"
+        ) from None
+    return lock

@@ -162,6 +162,7 @@ class StoreEndpoint:
         if not delivery.complete:
             # Its later frames reach only the protocol edge's own links: refused once it is complete.
             self._pending.append(_Pending(link, delivery))
+            self.wake()
             return delivery
         address = link.address
         try:

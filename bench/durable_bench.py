@@ -4,7 +4,7 @@ Owns: one line per figure (`name value unit`, then RabbitMQ's figure of the same
 1. Durable throughput: a producer sends N messages to a queue address and waits for each outcome, which
    the router gives once the message is fsync'd in its store, while a consumer receives and accepts them
    all (meshbus: the C load clients of router_bench.py on a notification address, a stored queue). The
-   peer: RabbitMQ (Debian's rabbitmq-server, started by messaging_bench.py's code) with a durable queue,
+   peer: RabbitMQ (Debian's rabbitmq-server, a private node started by bench/rabbit.py) with a durable queue,
    persistent messages and publisher confirms, pika clients (a publisher with confirms pipelined over a
    window, a consumer acknowledging each message). Figures: accepted msgs/s (first send to last
    acceptance/confirm) and delivered msgs/s (first send to the last message consumed).
@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import rabbit
 from meshbus.store.queue import QueueLimits
 from meshbus.store.store import Store
-from messaging_bench import rabbitmq
 from router_bench import (
     LISTENING,
     LOCALHOST,
@@ -226,8 +226,8 @@ def rabbit_consume(url: str, count: int) -> None:
 def rabbit_throughput(count: int, body_size: int) -> tuple[float, float]:
     """(confirmed msgs/s, delivered msgs/s) through a private RabbitMQ node."""
     me = [sys.executable, str(Path(__file__).resolve())]
-    with rabbitmq() as broker:
-        url = broker.url.replace("rabbit://", "amqp://")
+    with rabbit.rabbitmq("durable-bench", cpus=ROUTER_CPUS) as node:
+        url = f"amqp://guest:guest@{node.host}:{node.port}/"
         with running("rabbit consumer", [*me, "rabbit-consume", url, str(count)]) as consumer:
             consumer.expect("^ready", 30)
             publisher_argv = [*me, "rabbit-publish", url, str(count), str(body_size)]
@@ -262,31 +262,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.messages, args.stored = 20_000, 100_000
     try:
-        rabbit = None if args.only == "meshbus" else rabbit_throughput(args.messages, args.body_size)
+        peer = None if args.only == "meshbus" else rabbit_throughput(args.messages, args.body_size)
         if args.only == "rabbit":
-            assert rabbit is not None
-            report(Figure("rabbit_durable_accepted", rabbit[0], "msg/s"))
-            report(Figure("rabbit_durable_delivered", rabbit[1], "msg/s"))
+            assert peer is not None
+            report(Figure("rabbit_durable_accepted", peer[0], "msg/s"))
+            report(Figure("rabbit_durable_delivered", peer[1], "msg/s"))
             return 0
         with tempfile.TemporaryDirectory(prefix="meshbus-durable-bench-") as scratch:
             directory = Path(scratch)
             accepted, delivered, per_message = meshbus_throughput(directory, args.messages, args.body_size)
-            peer = "rabbit" if rabbit else None
-            report(Figure("durable_accepted", accepted, "msg/s", peer, rabbit[0] if rabbit else None))
-            report(Figure("durable_delivered", delivered, "msg/s", peer, rabbit[1] if rabbit else None))
+            name = "rabbit" if peer else None
+            report(Figure("durable_accepted", accepted, "msg/s", name, peer[0] if peer else None))
+            report(Figure("durable_delivered", delivered, "msg/s", name, peer[1] if peer else None))
             report(Figure("store_disk_bytes_per_msg_consumed_queue", per_message, "B"))
             first, recovered, size = meshbus_recovery(directory, args.stored, args.body_size)
             report(Figure(f"recovery_first_consumable_{args.stored}", first, "s"))
             report(Figure(f"recovery_store_open_{args.stored}", recovered, "s"))
             report(Figure("store_disk_bytes_per_stored_msg", size, "B"))
-        if rabbit:
-            ratio = delivered / rabbit[1]
+        if peer:
+            ratio = delivered / peer[1]
             verdict = "met" if ratio >= GOAL_RATIO else "NOT met"
             print(f"goal durable_delivered >= {GOAL_RATIO:g}x rabbit: {ratio:.2f}x, {verdict}")
         if args.stored == 1_000_000:
             verdict = "met" if first <= GOAL_RECOVERY else "NOT met"
             print(f"goal recovery of 1,000,000 <= {GOAL_RECOVERY:g} s: {first:.2f} s, {verdict}")
-    except BenchError as error:
+    except (BenchError, rabbit.RabbitError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

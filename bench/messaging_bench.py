@@ -30,10 +30,8 @@ import importlib
 import logging
 import multiprocessing
 import os
-import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -41,13 +39,12 @@ import warnings
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, Protocol
 
+import rabbit
 from meshbus import messaging
 from router_bench import (
     CLIENT_CPUS,
-    LOCALHOST,
     ROUTER,
     ROUTER_CPUS,
     BenchError,
@@ -55,11 +52,8 @@ from router_bench import (
     report,
     router,
     rss_kib,
-    running,
 )
 
-RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
-RABBITMQ_PACKAGE = "rabbitmq-server"
 PLUGIN_MODULE = "meshbus.oslo.driver"
 TOPIC = "bench"
 SERVER = "bench-server"
@@ -620,68 +614,13 @@ class Broker:
     url: str
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((LOCALHOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-@contextlib.contextmanager
-def rabbitmq() -> Iterator[Broker]:
-    """A RabbitMQ node of this benchmark's own (node name, ports, data and log directories, Erlang cookie and
-    epmd), on 127.0.0.1 only; stopped by PID at the end."""
-    if not RABBITMQ_SERVER.exists():
-        raise BenchError(
-            f"{RABBITMQ_SERVER} not found: install Debian's {RABBITMQ_PACKAGE} "
-            f"(apt-get install -y {RABBITMQ_PACKAGE}), or run with --only meshbus"
-        )
-    with tempfile.TemporaryDirectory(prefix="meshbus-bench-rabbitmq-") as scratch:
-        base = Path(scratch)
-        epmd_port, node_port, dist_port = _free_ports(3)
-        (base / "rabbitmq.conf").write_text(f"listeners.tcp.1 = {LOCALHOST}:{node_port}\n")
-        (base / "enabled_plugins").write_text("[].\n")
-        (base / "rabbitmq-env.conf").write_text("")
-        pid_file = base / "rabbitmq.pid"
-        environment = {
-            "HOME": scratch,  # the Erlang cookie goes there
-            "ERL_EPMD_PORT": str(epmd_port),
-            "RABBITMQ_NODENAME": f"meshbus-bench-{os.getpid()}@localhost",
-            "RABBITMQ_NODE_IP_ADDRESS": LOCALHOST,
-            "RABBITMQ_NODE_PORT": str(node_port),
-            "RABBITMQ_DIST_PORT": str(dist_port),
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-            "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
-            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(base / "log"),
-            "RABBITMQ_LOGS": "-",
-            "RABBITMQ_PID_FILE": str(pid_file),
-        }
-        epmd = ["epmd", "-port", str(epmd_port), "-address", LOCALHOST]
-        argv = ["env", *(f"{name}={value}" for name, value in environment.items()), str(RABBITMQ_SERVER)]
-        with (
-            running("epmd", epmd, cpus=ROUTER_CPUS),
-            running("rabbitmq-server", argv, cpus=ROUTER_CPUS) as server,
-        ):
-            server.expect("Server startup complete", 120)
-            yield Broker(int(pid_file.read_text().strip()), f"rabbit://guest:guest@{LOCALHOST}:{node_port}/")
-            status = server.stop()
-            if status != 0:
-                print(f"warning: rabbitmq-server pid {server.pid} exited with {status}", file=sys.stderr)
-
-
 @contextlib.contextmanager
 def broker_for(system: System) -> Iterator[Broker]:
     if system.broker == "rabbit":
-        with rabbitmq() as broker:
-            yield broker
+        if (reason := rabbit.missing()) is not None:
+            raise BenchError(f"{reason}, or run with --only meshbus")
+        with rabbit.rabbitmq("bench", cpus=ROUTER_CPUS) as node:
+            yield Broker(node.pid, f"rabbit://guest:guest@{node.host}:{node.port}/")
         return
     with router([str(ROUTER), "router"]) as (child, host_port):
         yield Broker(child.pid, f"meshbus://{host_port}/")
@@ -827,7 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         try:
             measure(system, settings, figures)
-        except BenchError as error:  # the other systems' figures are still worth having
+        except (BenchError, rabbit.RabbitError) as error:  # the other systems' figures are still worth having
             print(f"messaging_bench: {system.key}: {error}", file=sys.stderr, flush=True)
             failed = True
     goal_check(figures, systems)

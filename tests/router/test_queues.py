@@ -19,7 +19,7 @@ from meshbus.router.core import (
     queue_address,
     store_address,
 )
-from tests.router.test_core import CAPACITY, NOW, RecordingEdge
+from tests.router.conftest import CAPACITY, NOW, RecordingEdge
 
 NOTIFY = QueueRule(prefix="notify")
 JOBS = QueueRule(pattern="jobs/*/todo")
@@ -51,7 +51,7 @@ class FakeHost:
 
 def make_core(hosted: set[QueueRule] | None = None) -> tuple[RouterCore, RecordingEdge, FakeHost | None]:
     edge = RecordingEdge()
-    core = RouterCore(edge, RULES, "_dynamic/test.", QUEUES)
+    core = RouterCore(edge, RULES, "test", "1", QUEUES)
     host = None
     if hosted is not None:
         host = FakeHost(core, edge, hosted)
@@ -129,6 +129,19 @@ def test_a_relay_delivery_to_a_queue_address_without_an_entry_reaches_the_store(
     assert edge.sent_to(host.links["notify/new"]) == [delivery]
     other = core.deliver(relay, "d2", b"m", complete=True, settled=False, to="plain", deadline=None, now=NOW)
     assert edge.outcome(other) == RELEASED, "other addresses are as before: no consumer, released"
+
+
+def test_a_store_host_keeps_what_is_sent_to_its_queues_whatever_other_stores_there_are() -> None:
+    core, edge, host = make_core({NOTIFY})
+    assert host is not None
+    producer = core.attach_producer("p", "notify/info", CAPACITY)
+    core.remote_changed("notify/info", frozenset({"r2"}))  # another store host has a link on it too
+    core.remote_changed("_store/prefix:notify", frozenset({"r2"}))
+    assert core.entries["notify/info"].remote == frozenset()
+    delivery = core.deliver(
+        producer, "d1", b"m", complete=True, settled=False, to=None, deadline=None, now=NOW
+    )
+    assert edge.sent_to(host.links["notify/info"]) == [delivery]
 
 
 def test_a_store_host_serves_only_the_rules_it_hosts() -> None:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from cproton_ffi import ffi
 
 from meshbus.amqp.pn import (
     CData,
+    pn_sasl,
+    pn_sasl_allowed_mechs,
     pn_transport,
     pn_transport_bind,
     pn_transport_capacity,
@@ -45,16 +48,23 @@ class AmqpConnection:
     """The asyncio side of one client connection: an asyncio protocol by its methods. (It is compiled with
     mypyc, whose classes cannot derive from asyncio.Protocol; asyncio needs only the methods.)"""
 
-    def __init__(self, engine: Engine, listener: ListenerConfig) -> None:
+    def __init__(
+        self, engine: Engine, listener: ListenerConfig, on_lost: Callable[[], None] | None = None
+    ) -> None:
         self.engine = engine
-        self.listener = listener
+        self.listener = listener  # for a connector's connection: its settings in the same shape
         self.max_message_size = listener.max_message_size  # read per message: kept at hand
+        self.inter_router = listener.role == "inter-router"  # read per message: kept at hand
+        self.outgoing = on_lost is not None
+        self.on_lost = on_lost
         self.socket: asyncio.Transport | None = None
         self.peer = "?"
         self.container: str | None = None
         self.user: str | None = None
-        self.sasl: SaslServer | None = SaslServer(
-            engine.mechanisms(listener), allow_no_sasl=not listener.authenticate_peer
+        self.sasl: SaslServer | None = (
+            None
+            if self.outgoing
+            else SaslServer(engine.mechanisms(listener), allow_no_sasl=not listener.authenticate_peer)
         )
         self.transport: CData = ffi.NULL
         self.connection: CData = ffi.NULL
@@ -77,13 +87,18 @@ class AmqpConnection:
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.transport = pn_transport()
-        pn_transport_set_server(self.transport)
-        pn_transport_require_auth(self.transport, False)
+        if self.outgoing:
+            pn_sasl_allowed_mechs(pn_sasl(self.transport), b"ANONYMOUS")
+        else:
+            pn_transport_set_server(self.transport)
+            pn_transport_require_auth(self.transport, False)
         pn_transport_set_max_frame(self.transport, self.listener.max_frame_size)
         pn_transport_set_idle_timeout(self.transport, int(self.listener.idle_timeout * 1000))
         self.connection = self.engine.new_connection(self)
         pn_transport_bind(self.transport, self.connection)
         self.engine.connections.add(self)
+        if self.outgoing:
+            self.engine.open_outgoing(self)
 
     def data_received(self, data: bytes) -> None:
         if self.sasl is not None:
@@ -104,6 +119,8 @@ class AmqpConnection:
         if exc is not None and self.reason is None:
             self.reason = f"socket error: {exc}"
         self.engine.release(self)
+        if self.on_lost is not None:
+            self.on_lost()
 
     def pause_writing(self) -> None:
         self.slow_since = time.monotonic()
@@ -183,6 +200,9 @@ class AmqpConnection:
         self.reason = self.reason or reason
         if self.socket is not None and not self.socket.is_closing():
             self.socket.close()
+
+    def __repr__(self) -> str:
+        return f"<connection {self.peer} {self.container or '?'}>"
 
     def describe(self) -> dict[str, Any]:
         return {"peer": self.peer, "container": self.container, "user": self.user}

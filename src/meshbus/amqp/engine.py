@@ -15,12 +15,13 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from cproton_ffi import ffi
 
 from meshbus import PRODUCT, __version__
 from meshbus.amqp import pn
+from meshbus.amqp.annotations import AnnotationError, mesh_fields, stamp, strip
 from meshbus.amqp.connection import WRITE_HIGH_WATER, AmqpConnection
 from meshbus.amqp.peek import Scan, peek
 from meshbus.amqp.pn import (
@@ -37,6 +38,7 @@ from meshbus.amqp.pn import (
     PN_TRANSPORT_CLOSED,
     PN_TRANSPORT_ERROR,
     POOL_PROPERTY,
+    ROLE_PROPERTY,
     CData,
     pn_collector,
     pn_collector_peek,
@@ -133,6 +135,9 @@ from meshbus.router.core import (
 )
 from meshbus.users import UserDatabase
 
+if TYPE_CHECKING:
+    from meshbus.amqp.interrouter import MeshEdge
+
 # Final names: compiled (mypyc) code reads them from C statics, not from a dictionary per call.
 unpack: Final = ffi.unpack
 from_buffer: Final = ffi.from_buffer
@@ -175,11 +180,10 @@ class Engine:
     ) -> None:
         self.router_id = router_id
         self.collector = pn_collector()
-        self.core = RouterCore(
-            self, rules, dynamic_prefix=f"_dynamic/{router_id}/{time.time_ns():x}.", queues=queues
-        )
+        self.core = RouterCore(self, rules, router_id, f"{time.time_ns():x}", queues)
         self.users = users
         self.executor = executor
+        self.mesh: MeshEdge | None = None  # set when the router has inter-router listeners or connectors
         self.connections: set[AmqpConnection] = set()
         self.by_connection: dict[CData, AmqpConnection] = {}
         self.links: dict[CData, ProducerLink | ConsumerLink] = {}
@@ -213,10 +217,18 @@ class Engine:
         connection = pn_connection()
         pn_connection_collect(connection, self.collector)
         pn_connection_set_container(connection, self.router_id.encode())
-        pn.put_symbol_map(pn_connection_properties(connection), {"product": PRODUCT, "version": __version__})
+        properties = {"product": PRODUCT, "version": __version__}
+        if conn.inter_router:  # so that a router connecting to the wrong port (or a client) is told
+            properties[ROLE_PROPERTY] = "inter-router"
+        pn.put_symbol_map(pn_connection_properties(connection), properties)
         pn.put_symbol_array(pn_connection_offered_capabilities(connection), ["ANONYMOUS-RELAY"])
         self.by_connection[connection] = conn
         return connection
+
+    def open_outgoing(self, conn: AmqpConnection) -> None:
+        """A connection this router made: it speaks first."""
+        pn_connection_open(conn.connection)
+        self.mark(conn)
 
     def mechanisms(self, listener: ListenerConfig) -> list[str]:
         """The listener's SASL mechanisms that can succeed: PLAIN only with a users file, and no ANONYMOUS
@@ -333,6 +345,8 @@ class Engine:
             pn_transport_close_tail(conn.transport)
             pn_transport_close_head(conn.transport)
             self.process()
+        if conn.inter_router and self.mesh is not None:
+            self.mesh.connection_lost(conn)
         for link in list(conn.links):
             self._forget_link(link)
         self.by_connection.pop(conn.connection, None)
@@ -357,6 +371,13 @@ class Engine:
                 self.flush(conn)
             elif conn.socket is not None:
                 conn.socket.close()
+
+    def abort(self, conn: AmqpConnection, name: str, description: str) -> None:
+        """Drop a connection now, without a closing handshake (its peer no longer answers): its links go at
+        once, and what was sent on them comes back to the producers."""
+        conn.reason = conn.reason or f"{name}: {description}"
+        if conn.socket is not None:
+            conn.socket.abort()
 
     def _close_connection(self, conn: AmqpConnection, name: str, description: str) -> None:
         if conn.sasl is not None:  # no AMQP spoken yet: nothing to close but the socket
@@ -423,8 +444,11 @@ class Engine:
         if conn is None:
             return
         conn.container = pn.text(pn_connection_remote_container(connection))
-        pn_connection_open(connection)
+        if not conn.outgoing:
+            pn_connection_open(connection)
         log.info("connection opened: peer=%s container=%s user=%s", conn.peer, conn.container, conn.user)
+        if conn.inter_router and self.mesh is not None:
+            self.mesh.connection_opened(conn)
         self.mark(conn)
 
     def _on_connection_close(self, event: CData) -> None:
@@ -468,6 +492,10 @@ class Engine:
         handle = pn_event_link(event)
         conn = self.by_connection.get(pn_session_connection(pn_link_session(handle)))
         if conn is None:
+            return
+        if conn.inter_router and self.mesh is not None:
+            self.mesh.link_opened(conn, handle)
+            self.mark(conn)
             return
         try:
             if pn_link_is_sender(handle):
@@ -572,6 +600,8 @@ class Engine:
         handle = pn_delivery_link(delivery)
         link = self.links.get(handle)
         if link is None:
+            if self.mesh is not None and handle in self.mesh.control:
+                self.mesh.control_delivery(handle, delivery)
             return
         if link.__class__ is ConsumerLink:
             # A consumer's disposition of a delivery we sent it.
@@ -637,6 +667,17 @@ class Engine:
     ) -> None:
         """Hand a delivery to the core: whole, or its first part (the rest streams through `_continue`)."""
         settled: bool = pn_delivery_settled(delivery)
+        ingress: str | None = None
+        trace: tuple[str, ...] = ()
+        owner: AmqpConnection = link.owner
+        if owner.inter_router:  # from another router: where it entered the mesh, and its path
+            try:
+                ingress, trace, via = mesh_fields(payload)
+            except AnnotationError as error:
+                self._refuse(link, delivery, handle, partial, rejected("amqp:decode-error", str(error)))
+                return
+            if via is not None:
+                to = via
         if partial:
             stream = self.streams.get(delivery) or _Stream(len(payload))
             stream.buffer = None
@@ -650,11 +691,22 @@ class Engine:
                 to=to,
                 deadline=deadline,
                 now=now,
+                ingress=ingress,
+                trace=trace,
             )
             return
         pn_link_advance(handle)
         self.core.deliver(
-            link, delivery, payload, complete=True, settled=settled, to=to, deadline=deadline, now=now
+            link,
+            delivery,
+            payload,
+            complete=True,
+            settled=settled,
+            to=to,
+            deadline=deadline,
+            now=now,
+            ingress=ingress,
+            trace=trace,
         )
         if settled:
             pn_delivery_settle(delivery)
@@ -778,6 +830,13 @@ class Engine:
         self._tag[0] += 1
         out = pn_delivery(handle, self._tag_bytes)
         payload = delivery.payload
+        if link.router is not None:  # to another router: with where it entered the mesh and its path
+            router_id = self.router_id
+            payload = stamp(
+                payload, delivery.ingress or router_id, (*delivery.trace, router_id), delivery.address
+            )
+        elif delivery.ingress is not None:  # leaving the mesh: the client sees the producer's message
+            payload = strip(payload)
         size = len(payload)
         # cffi passes a bytes object to a `char *` as it is; other buffers need wrapping (0.2 us more).
         pn_link_send(handle, payload if isinstance(payload, bytes) else from_buffer(payload), size)

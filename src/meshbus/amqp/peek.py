@@ -1,4 +1,5 @@
-"""Partial scan of an encoded AMQP 1.0 message for the three fields the router reads.
+"""Partial scan of an encoded AMQP 1.0 message for the three fields the router reads, and for where its
+message-annotations section lies (`annotations_span`, for the mesh's annotations: see annotations.py).
 
 The router forwards encoded messages unchanged; it needs only properties.to (for anonymous-relay links),
 header.ttl and properties.absolute-expiry-time. `peek` walks the sections, skips what it does not need by
@@ -32,7 +33,7 @@ _COMPLETE, _INCOMPLETE, _MALFORMED = Scan.COMPLETE, Scan.INCOMPLETE, Scan.MALFOR
 # (to, ttl in ms, absolute expiry in ms since the epoch, scan). A plain tuple: a NamedTuple costs 0.2 us more.
 Peeked = tuple[str | None, int | None, int | None, Scan]
 
-_HEADER, _PROPERTIES = 0x70, 0x73
+_HEADER, _DELIVERY_ANNOTATIONS, _MESSAGE_ANNOTATIONS, _PROPERTIES = 0x70, 0x71, 0x72, 0x73
 _READ: Final = frozenset({_HEADER, _PROPERTIES})
 _SKIPPED: Final = frozenset({0x71, 0x72, 0x74, 0x78})  # annotations, application-properties, footer
 _BODY: Final = frozenset({0x75, 0x76, 0x77})  # data, amqp-sequence, amqp-value
@@ -155,8 +156,29 @@ def peek(buf: bytes) -> Peeked:
     return to, ttl, expiry, _INCOMPLETE
 
 
+def annotations_span(buf: bytes) -> tuple[int, int]:
+    """(start, end) of the message-annotations section in the encoded message, or (pos, pos) where one
+    would go (after the header and delivery annotations), or (-1, -1) if the message is malformed there."""
+    pos, n = 0, len(buf)
+    try:
+        while pos < n:
+            if buf[pos] != 0x00:
+                raise _Malformed
+            after, section = _descriptor(buf, pos + 1)
+            if section == _MESSAGE_ANNOTATIONS:
+                return pos, _skip(buf, after)
+            if section != _HEADER and section != _DELIVERY_ANNOTATIONS:
+                return pos, pos
+            pos = _skip(buf, after)
+    except (_Malformed, IndexError, struct.error, UnicodeDecodeError):
+        return -1, -1
+    return pos, pos
+
+
 def _descriptor(buf: bytes, pos: int) -> tuple[int, int]:
     """(position after the descriptor at pos, its section code; 0 for a symbol that names no section)."""
+    if buf[pos] == 0x53:  # smallulong
+        return pos + 2, buf[pos + 1]
     if buf[pos] == 0x80:  # ulong
         return pos + 9, _U64.unpack_from(buf, pos + 1)[0]
     return _skip(buf, pos), _SYMBOLIC.get(_text(buf, pos), 0)

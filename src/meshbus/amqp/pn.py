@@ -18,6 +18,8 @@ CData = Any  # a cffi pointer into proton
 
 # The link property (attach frame) by which a consumer names its pool, a string: see router/core.py, rule 5.
 POOL_PROPERTY: Final = "meshbus:pool"
+# The Open frame property by which both ends of an inter-router connection say so: its value "inter-router".
+ROLE_PROPERTY: Final = "meshbus:role"
 
 PN_CONNECTION_REMOTE_CLOSE: Final = lib.PN_CONNECTION_REMOTE_CLOSE
 PN_CONNECTION_REMOTE_OPEN: Final = lib.PN_CONNECTION_REMOTE_OPEN
@@ -94,6 +96,8 @@ pn_link_set_rcv_settle_mode: Final = lib.pn_link_set_rcv_settle_mode
 pn_link_set_snd_settle_mode: Final = lib.pn_link_set_snd_settle_mode
 pn_link_source: Final = lib.pn_link_source
 pn_link_target: Final = lib.pn_link_target
+pn_sasl: Final = lib.pn_sasl
+pn_sasl_allowed_mechs: Final = lib.pn_sasl_allowed_mechs
 pn_session_close: Final = lib.pn_session_close
 pn_session_connection: Final = lib.pn_session_connection
 pn_session_open: Final = lib.pn_session_open

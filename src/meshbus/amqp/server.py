@@ -18,6 +18,7 @@ from typing import cast
 
 from meshbus.amqp.connection import AmqpConnection
 from meshbus.amqp.engine import Engine
+from meshbus.amqp.interrouter import Connector, MeshEdge
 from meshbus.amqp.storehost import StoreHost
 from meshbus.config import ListenerConfig, RouterConfig
 from meshbus.users import UserDatabase
@@ -58,8 +59,12 @@ async def serve(config: RouterConfig) -> int:
             config.router.busy_poll / 1e6,
             config.queue_rules(),
         )
+        engine.mesh = MeshEdge(engine, config.router.id, config.mesh.protocol())
         store = StoreHost.open(config, engine.core) if config.store.enabled else None
         servers = [await _listen(loop, engine, listener) for listener in config.listener]
+        connectors = [Connector(engine, connector) for connector in config.connector]
+        for connector in connectors:
+            connector.start()
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
@@ -68,6 +73,9 @@ async def serve(config: RouterConfig) -> int:
         await stop.wait()
         log.info("router %s stopping: closing %d connections", config.router.id, len(engine.connections))
         ticker.cancel()
+        for connector in connectors:
+            connector.stop()
+        engine.mesh.close()
         for server in servers:
             server.close()
         engine.close_all()
@@ -96,7 +104,13 @@ async def _listen(
         ) from error
     for sock in server.sockets:
         host, port = sock.getsockname()[:2]
-        log.info("listening on %s:%d (sasl %s)", host, port, ",".join(engine.mechanisms(listener)))
+        log.info(
+            "listening on %s:%d (role %s, sasl %s)",
+            host,
+            port,
+            listener.role,
+            ",".join(engine.mechanisms(listener)),
+        )
     return server
 
 

@@ -40,28 +40,18 @@ random graphs, Python 3.11): a full route computation takes 17-32 ms for 1,000 r
 1.5-2.5 ms, so a router with d neighbours pays d + 1 of them); 200 simulated routers converge within 40 ms
 of simulated time (hops of 0.5-2 ms), and again within 30 ms after one is killed.
 
-Wiring into the router (the next step; this package does not do it):
-- Inter-router connections (listener or connector role `inter-router`, with a `cost`): on each, the connector
-  attaches a sender and a receiver with address `_mesh/control`, link-local (never in the address table).
-  A protocol message is an AMQP message whose body is `message.to_dict()`, sent pre-settled; the edge turns
-  bodies back with `messages.decode` (a MessageError is logged with the connection and the message dropped).
-  Data between routers goes on other links (`_mesh/data`), so a data backlog never delays a hello.
-- `MeshNode(router_id, instance=time.time_ns(), config, outbox, random.Random())`; the edge passes the
-  connection as the `Link`: `link_up(link, cost, now)` once both control links are attached,
-  `link_down(link, now)` when the connection closes or fails, `link_cost` on a reload, `handle(link,
-  message, now)` per control message, `tick(now)` at `next_tick()` (loop.call_at, rescheduled after every
-  call into the node), with `now` the loop's monotonic clock.
-- The router core calls `local_address_added(address, now)` when an address gains its first local consumer
-  and `local_address_removed` when it loses its last, except dynamic (`_dynamic/<router-id>/...`, reached
-  through the router id they contain) and `_mesh/` addresses.
-- The forwarding layer gets `Outbox.routes_changed(RoutingTable)`: per router its cost and equal-cost next
-  hops (`link_to(router)` for the canonical one; the link per neighbour in `links`), and per source router
-  the neighbours its multicast goes on to (`multicast_links(source)`, the source being the router where the
-  message entered the mesh, carried in its annotations; while the mesh converges a router may drop copies
-  that do not come from `routes[source].next_hops[0]`, and the trace stops loops).
-  `Outbox.addresses_changed` gives, per address, the other routers with consumers (closest: lowest
-  `routes[r].cost`; balanced: cost plus unsettled); an address whose set becomes empty has no remote
-  consumers left, so producers lose their credit. `report` gives one log line per event (neighbour up/down,
-  router reachable/unreachable, duplicate router id). `MeshNode.table`, `addresses()` and
-  `known_routers()` are there for management.
+Wiring into the router (meshbus.amqp.interrouter and the core's rule 6):
+- Inter-router connections (listener or connector role `inter-router`, with a `cost`) carry, attached by the
+  connecting side, a control link each way (`_mesh/control`: protocol messages, pre-settled, one AMQP map
+  body each, `message.to_dict()` / `messages.decode`) and a data link each way (`_mesh/data`), so a data
+  backlog never delays a hello. The connection is the `Link`; `link_up` once both control links are open,
+  `link_down` when the connection goes; a neighbour declared down while its connection is still open (it
+  fell silent) has its connection aborted, so what was sent through it comes back to the producers at once.
+- `tick(now)` runs at `next_tick()` on the event loop's monotonic clock.
+- The router core's watcher calls `local_address_added` / `local_address_removed` for every address but
+  dynamic (`_dynamic/<router-id>/...`, reached through the router id they contain) and `_mesh/` ones.
+- `Outbox.routes_changed` -> `RouterCore.set_routes(routes, multicast)`; `addresses_changed` ->
+  `RouterCore.remote_changed(address, routers)`; `report` -> one INFO log line (logger meshbus.mesh).
+  Between routers a message carries its ingress router, trace and address in message annotations
+  (meshbus.amqp.annotations), stripped before it leaves the mesh to a client.
 """

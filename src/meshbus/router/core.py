@@ -14,7 +14,20 @@ Rules of this module:
    (those without a pool, one more) and each message goes to one consumer of every group, its copies' outcomes
    combined for the producer as for multicast. While an address's consumers all share one group (the common
    case) delivering costs no more than without pools. Multicast addresses ignore pools.
-6. Queues (issue 6): the queue rules say which addresses are durable queues. On a router hosting a store
+6. Mesh: other routers are reached through router links (one outgoing data link per neighbour, a
+   ConsumerLink with `router` set). The mesh tells the core which other routers have consumers per address
+   (`remote_changed`) and the paths (`set_routes`). Closest prefers a local consumer, then the lowest-cost
+   router; balanced weighs local consumers' unsettled deliveries against each router's unsettled plus path
+   cost; multicast copies to local consumers and down the source's tree. A delivery records where it
+   entered the mesh (`ingress`) and the routers it passed (`trace`): it is never sent to a router in its
+   trace, and goes no further than MAX_HOPS routers. Dynamic addresses name their router
+   (`_dynamic/<router id>/...`) and are reached through it. Pools are honoured among one router's consumers;
+   across routers, an address's consumers elsewhere form one more group.
+7. Flow across the mesh, so that a slow consumer on one router never stalls a link between routers: a
+   delivery arriving from another router moves on at once (the link between routers always gets its
+   credit back), and an unsettled delivery that entered the mesh here occupies its producer's credit until
+   its outcome comes back. Memory anywhere in the mesh is so bounded by the producers' capacities.
+8. Queues (issue 6): the queue rules say which addresses are durable queues. On a router hosting a store
    for the rule (`queue_host`), the store's endpoint consumes from a queue address X through a link of its
    own, attached when X's entry is created, so producers' deliveries take the normal path to the store.
    Elsewhere X's remote routers are those advertising `_store/<rule key>` (the stores of the mesh). A
@@ -25,11 +38,18 @@ Rules of this module:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Protocol
 from urllib.parse import quote, unquote
 
+from meshbus.mesh.path import Route
 from meshbus.router.addressing import Distribution, DistributionRules, QueueRule, QueueRules
+
+# The most routers a delivery may pass; beyond, it is released (a routing loop while the mesh converges).
+MAX_HOPS: Final = 32
+DYNAMIC_PREFIX: Final = "_dynamic/"
+MESH_PREFIX: Final = "_mesh/"  # the routers' own links: never in the address table
 
 # The edge's reference to a proton link or delivery: opaque to the core, used as a dictionary key.
 Handle = Any
@@ -163,6 +183,7 @@ class AddressEntry:
     group: ConsumerGroup | None = None
     pools: list[ConsumerGroup] = field(default_factory=list)
     remote: frozenset[str] = frozenset()  # the other routers with consumers (the mesh's view)
+    toward: dict[str, int] = field(default_factory=dict)  # other router -> unsettled deliveries sent to it
 
     def __post_init__(self) -> None:
         self.group = ConsumerGroup(None, self.consumers)
@@ -187,6 +208,7 @@ class ProducerLink:
     held: int = 0  # deliveries received and not yet forwarded or settled
     inflight: dict[Handle, Delivery] = field(default_factory=dict)  # unsettled, by the edge's handle
     closed: bool = False
+    from_router: bool = False  # another router's data link: its deliveries move on at once (rule 7)
 
 
 @dataclass(slots=True, eq=False)
@@ -203,6 +225,7 @@ class ConsumerLink:
     credit: int = 0
     drain: bool = False
     blocked: bool = False  # the edge cannot take more now (a slow socket)
+    router: str | None = None  # a router link: the neighbour it leads to
     streaming: Delivery | None = None  # a multi-frame delivery in progress holds the link
     queue: deque[Delivery] = field(default_factory=deque)
     inflight: dict[Handle, Delivery] = field(default_factory=dict)  # sent, unsettled, by handle
@@ -236,6 +259,10 @@ class Delivery:
     unicast: bool = True  # one copy: the consumer's outcome is the producer's
     moved_on: bool = False  # no longer counted against the producer's credit
     aborted: bool = False
+    ingress: str | None = None  # the router where it entered the mesh (None: this one)
+    trace: tuple[str, ...] = ()  # the routers it passed before this one
+    toward: str | None = None  # the other router a unicast copy was sent to (balanced accounting)
+    held: bool = False  # sent on to another router: occupies its producer's credit until settled (rule 7)
 
 
 @dataclass(slots=True)
@@ -259,30 +286,41 @@ class RouterCore:
         self,
         edge: Edge,
         rules: DistributionRules,
-        dynamic_prefix: str,
+        router_id: str,
+        instance: str,
         queues: QueueRules | None = None,
     ) -> None:
         self._edge = edge
         self._rules = rules
+        self.router_id = router_id
+        self._dynamic_prefix = f"{DYNAMIC_PREFIX}{router_id}/{instance}."
         self.queues = queues or QueueRules(())
         self.queue_host: QueueHost | None = None
         self._stores: dict[str, frozenset[str]] = {}  # rule key -> the other routers storing its queues
         # rule key -> the queue addresses of the rule with an entry here, stored by other routers
         self._stored_elsewhere: dict[str, dict[str, None]] = {}
-        self._dynamic_prefix = dynamic_prefix
         self._dynamic_count = 0
         self.entries: dict[str, AddressEntry] = {}
         self.counters = Counters()
         self._expiring: set[ConsumerLink] = set()
         self.watchers: list[Watcher] = []
+        self.routes: Mapping[str, Route] = {}  # other reachable router -> cost and next hops
+        self.multicast: Mapping[str, frozenset[str]] = {}  # source router -> neighbours on its tree
+        self.router_links: dict[str, list[ConsumerLink]] = {}  # neighbour -> data links to it
+        self._remote_dynamic: set[str] = set()  # entries for other routers' dynamic addresses
 
     # -- attach and detach -------------------------------------------------------------------------
 
     def _entry(self, address: str, distribution: Distribution | None = None) -> AddressEntry:
         entry = self.entries.get(address)
         if entry is None:
+            if address.startswith(MESH_PREFIX):
+                raise AttachError("amqp:not-allowed", f"addresses under {MESH_PREFIX} are the routers' own")
             rule = None
-            if distribution is None:
+            router = _dynamic_router(address)
+            if router is not None:  # made by a router, whatever the rules say: its consumer is one link
+                distribution = Distribution.CLOSEST
+            elif distribution is None:
                 distribution = self._rules.lookup(address)
                 rule = self.queues.lookup(address)
             if distribution is Distribution.UNAVAILABLE:
@@ -295,6 +333,11 @@ class RouterCore:
             self.entries[address] = entry
             if rule is not None:
                 self._queue_created(entry, rule)
+            if router is not None and router != self.router_id:
+                # Another router's dynamic address: reached through that router while it is reachable.
+                self._remote_dynamic.add(address)
+                if router in self.routes:
+                    self.remote_changed(address, frozenset((router,)))
         return entry
 
     def _queue_created(self, entry: AddressEntry, rule: QueueRule) -> None:
@@ -311,6 +354,7 @@ class RouterCore:
     def _forget_if_unused(self, entry: AddressEntry) -> None:
         if entry.consumers or entry.producers or entry.remote:
             return
+        self._remote_dynamic.discard(entry.address)
         if self.entries.pop(entry.address, None) is not None and self._stored_elsewhere:
             rule = self.queues.lookup(entry.address)
             if rule is not None:
@@ -343,11 +387,10 @@ class RouterCore:
         """The mesh's view: these other routers have consumers for the address (none: no other router)."""
         if address.startswith(STORE_PREFIX):
             self._stores_changed(address[len(STORE_PREFIX) :], routers)
-        else:
-            rule = self.queues.lookup(address)
-            host = self.queue_host
-            if rule is not None and not (host is not None and host.hosts(rule)):
-                return  # a queue stored elsewhere: the routers storing its rule are its remote routers
+        elif self.queues.lookup(address) is not None:
+            # A queue: its remote routers are those storing its rule, or none where it is stored here (the
+            # store that takes a message keeps it).
+            return
         entry = self.entries.get(address)
         if entry is None:
             if not routers:
@@ -467,6 +510,7 @@ class RouterCore:
         dynamic: bool = False,
         *,
         edge: Edge | None = None,
+        from_router: bool = False,
     ) -> ProducerLink:
         """A client attached a sending link; `address` None is an anonymous-relay link, `dynamic` asks
         for an address of the router's making."""
@@ -475,7 +519,13 @@ class RouterCore:
         else:
             entry = None if address is None else self._entry(address)
         link = ProducerLink(
-            handle, entry.address if entry else None, capacity, edge or self._edge, owner, entry
+            handle,
+            entry.address if entry else None,
+            capacity,
+            edge or self._edge,
+            owner,
+            entry,
+            from_router=from_router,
         )
         if entry is not None:
             entry.producers.append(link)
@@ -496,6 +546,11 @@ class RouterCore:
         link.closed = True
         entry = link.entry
         entry.consumers.remove(link)
+        if link.router is not None:
+            links = self.router_links[link.router]
+            links.remove(link)
+            if not links:
+                del self.router_links[link.router]
         # Where its queued deliveries may go instead (on a multicast address, the others have their copies).
         multicast = entry.distribution is Distribution.MULTICAST
         mates = None if multicast else self._leave_group(entry, link)
@@ -517,7 +572,7 @@ class RouterCore:
                 self._copy_settled(delivery, RELEASED)
             if not delivery.queued:
                 self._move_on(delivery)
-        if not entry.consumers:
+        if not entry.consumers and link.router is None:
             self._lost_consumers(entry, local=True)
         self._forget_if_unused(entry)
 
@@ -581,12 +636,18 @@ class RouterCore:
         to: str | None,
         deadline: float | None,
         now: float,
+        ingress: str | None = None,
+        trace: tuple[str, ...] = (),
     ) -> Delivery:
-        """A new delivery arrived (the first frame of it, if `complete` is false)."""
+        """A new delivery arrived (the first frame of it, if `complete` is false). From another router, it
+        comes with the router where it entered the mesh and the routers it passed."""
         if link.credit > 0:
             link.credit -= 1
         link.held += 1
         delivery = Delivery(link, handle, payload, complete, settled, deadline)
+        if ingress is not None:
+            delivery.ingress = ingress
+            delivery.trace = trace
         if not settled:
             link.inflight[handle] = delivery
         entry = link.entry
@@ -605,13 +666,32 @@ class RouterCore:
             self.counters.expired += 1
             self._finish(delivery, EXPIRED)
             return delivery
-        if entry is None or not entry.consumers:
-            if settled:
-                self.counters.dropped_no_consumer += 1
-            else:
-                self.counters.released_no_consumer += 1
-            self._finish(delivery, RELEASED)
-            return delivery
+        if entry is None or not entry.reachable:
+            router = _dynamic_router(delivery.address) if entry is None else None
+            via = None if router is None or router == self.router_id else self._toward(delivery, router)
+            if via is None:
+                self._unroutable(delivery)
+                return delivery
+            delivery.pending = 1
+            self._offer(via, delivery)
+        elif entry.remote:
+            self._deliver_meshed(entry, delivery)
+        else:
+            self._deliver_here(entry, delivery)
+        if not delivery.queued or link.from_router:
+            self._move_on(delivery)
+        return delivery
+
+    def _unroutable(self, delivery: Delivery) -> None:
+        """No consumer for the delivery, here or reachable: released (dropped if pre-settled), counted."""
+        if delivery.settled:
+            self.counters.dropped_no_consumer += 1
+        else:
+            self.counters.released_no_consumer += 1
+        self._finish(delivery, RELEASED)
+
+    def _deliver_here(self, entry: AddressEntry, delivery: Delivery) -> None:
+        """Offer the delivery to the address's consumers on this router."""
         if entry.distribution is Distribution.MULTICAST:
             delivery.unicast = False
             targets = list(entry.consumers)
@@ -631,9 +711,93 @@ class RouterCore:
             delivery.pending = len(pools)
             for pool_group in pools:
                 self._offer(self._choose(pool_group, entry.distribution), delivery)
-        if not delivery.queued:
-            self._move_on(delivery)
-        return delivery
+
+    def _deliver_meshed(self, entry: AddressEntry, delivery: Delivery) -> None:
+        """Offer the delivery to consumers here or on other routers (the address has some elsewhere)."""
+        distribution = entry.distribution
+        targets: list[ConsumerLink] = []
+        if distribution is Distribution.MULTICAST:
+            delivery.unicast = False
+            targets += entry.consumers
+            if len(delivery.trace) < MAX_HOPS - 1:
+                visited = delivery.trace
+                for neighbour in self.multicast.get(delivery.ingress or self.router_id, ()):
+                    links = self.router_links.get(neighbour)
+                    if links and neighbour not in visited:
+                        targets.append(links[0])
+                        self._hold(delivery)
+        elif entry.consumers and distribution is Distribution.CLOSEST and entry.group is not None:
+            self._deliver_here(entry, delivery)  # a consumer here is the closest
+            return
+        else:
+            balanced = distribution is Distribution.BALANCED
+            best = self._best_router(entry, delivery, balanced)
+            group = entry.group
+            if group is None:  # local pools: a copy for each, and one more for the consumers elsewhere
+                delivery.unicast = False
+                targets += [self._choose(pool, distribution) for pool in entry.pools]
+            elif entry.consumers:  # balanced: a consumer here if it is as lightly loaded
+                mine = self._choose(group, distribution)
+                if best is None or mine.load <= best[1]:
+                    best = None
+                    targets.append(mine)
+            if best is not None:
+                via = self._toward(delivery, best[0], entry if balanced else None)
+                if via is not None:
+                    targets.append(via)
+        delivery.pending = len(targets)
+        for consumer in targets:
+            self._offer(consumer, delivery)
+        if not targets:
+            self._unroutable(delivery)
+
+    def _best_router(self, entry: AddressEntry, delivery: Delivery, balanced: bool) -> tuple[str, int] | None:
+        """The other router with consumers to send to, and its score: path cost, plus for balanced the
+        deliveries sent to it and not yet settled. Ties take turns."""
+        ties: list[str] = []
+        low = 0
+        routes = self.routes
+        for router in entry.remote:
+            route = routes.get(router)
+            if route is None or router in delivery.trace:
+                continue
+            score = route.cost + entry.toward.get(router, 0) if balanced else route.cost
+            if not ties or score < low:
+                ties, low = [router], score
+            elif score == low:
+                ties.append(router)
+        if not ties:
+            return None
+        group = entry.group
+        turn = 0
+        if group is not None and len(ties) > 1:
+            turn = group.rotation = group.rotation + 1
+        return sorted(ties)[turn % len(ties)], low
+
+    def _toward(
+        self, delivery: Delivery, router: str, accounted: AddressEntry | None = None
+    ) -> ConsumerLink | None:
+        """The router link to send the delivery on toward another router, on a next hop it has not passed
+        (None if none). `accounted`: count it among the deliveries sent to that router until settled."""
+        route = self.routes.get(router)
+        if route is None or len(delivery.trace) >= MAX_HOPS - 1:
+            return None
+        for hop in route.next_hops:
+            links = self.router_links.get(hop)
+            if links and hop not in delivery.trace:
+                break
+        else:
+            return None
+        if accounted is not None and not delivery.settled and delivery.toward is None:
+            delivery.toward = router
+            accounted.toward[router] = accounted.toward.get(router, 0) + 1
+        self._hold(delivery)
+        return links[0]
+
+    def _hold(self, delivery: Delivery) -> None:
+        """An unsettled delivery entering the mesh here occupies its producer's credit until settled."""
+        if delivery.ingress is None and not delivery.settled:
+            delivery.held = True
 
     def _queue_entry(self, address: str) -> AddressEntry | None:
         """The entry of a queue address an anonymous-relay delivery goes to (created: the store takes it)."""
@@ -687,7 +851,7 @@ class RouterCore:
 
     def _move_on(self, delivery: Delivery) -> None:
         """The delivery no longer occupies its producer's credit."""
-        if delivery.moved_on:
+        if delivery.moved_on or delivery.held:
             return
         delivery.moved_on = True
         link = delivery.link
@@ -721,16 +885,18 @@ class RouterCore:
         """The producer aborted a multi-frame delivery: queued copies are dropped."""
         delivery.aborted = True
         delivery.settled = True
+        delivery.held = False  # its copies are aborted: no outcome will come back
         delivery.link.inflight.pop(delivery.handle, None)
         self._unqueue(delivery)
         self._move_on(delivery)
 
     def _unqueue(self, delivery: Delivery) -> None:
         """Take the delivery's waiting copies out of its consumers' queues."""
-        entry = self.entries.get(delivery.address)
-        if entry is None or not delivery.queued:
+        if not delivery.queued:
             return
-        for link in entry.consumers:
+        entry = self.entries.get(delivery.address)
+        links = [link for links in self.router_links.values() for link in links]
+        for link in links + (entry.consumers if entry is not None else []):
             if delivery in link.queue:
                 link.queue.remove(delivery)
                 delivery.queued -= 1
@@ -740,6 +906,7 @@ class RouterCore:
         self.counters.rejected += 1
         self._unqueue(delivery)
         delivery.aborted = True
+        delivery.held = False  # its copies are aborted: no outcome will come back
         self._finish(delivery, outcome)
 
     # -- outcomes ------------------------------------------------------------------------------------
@@ -764,6 +931,8 @@ class RouterCore:
     def _copy_settled(self, delivery: Delivery, outcome: Outcome) -> None:
         """One copy of the delivery reached its final state; settle the producer when all have."""
         delivery.pending -= 1
+        if delivery.toward is not None:
+            self._arrived(delivery)
         if delivery.unicast:
             final = outcome
         else:
@@ -774,7 +943,41 @@ class RouterCore:
             if delivery.pending > 0:
                 return
             final = delivery.refusal or (ACCEPTED if delivery.accepted else RELEASED)
+        if delivery.held:
+            delivery.held = False
+            if not delivery.queued:
+                self._move_on(delivery)
         self._settle_producer(delivery, final)
+
+    def _arrived(self, delivery: Delivery) -> None:
+        """A delivery sent toward another router is settled: it no longer weighs on that router's score."""
+        router, delivery.toward = delivery.toward, None
+        entry = self.entries.get(delivery.address)
+        if entry is not None and router is not None:
+            left = entry.toward.get(router, 0) - 1
+            if left > 0:
+                entry.toward[router] = left
+            else:
+                entry.toward.pop(router, None)
+
+    # -- the mesh ------------------------------------------------------------------------------------
+
+    def attach_router_link(self, handle: Handle, neighbour: str, owner: Any = None) -> ConsumerLink:
+        """The data link on which this router sends to a neighbouring router."""
+        entry = AddressEntry(f"{MESH_PREFIX}data/{neighbour}", Distribution.CLOSEST)  # never in the table
+        link = ConsumerLink(handle, entry.address, entry, self._edge, owner, router=neighbour)
+        entry.consumers.append(link)
+        self.router_links.setdefault(neighbour, []).append(link)
+        return link
+
+    def set_routes(self, routes: Mapping[str, Route], multicast: Mapping[str, frozenset[str]]) -> None:
+        """The mesh computed new paths: every other reachable router, and the multicast trees."""
+        self.routes = routes
+        self.multicast = multicast
+        for address in list(self._remote_dynamic):
+            router = _dynamic_router(address)
+            assert router is not None
+            self.remote_changed(address, frozenset((router,)) if router in routes else frozenset())
 
     # -- time ----------------------------------------------------------------------------------------
 
@@ -798,3 +1001,11 @@ class RouterCore:
     def _expire_copy(self, delivery: Delivery) -> None:
         self.counters.expired += 1
         self._copy_settled(delivery, EXPIRED)
+
+
+def _dynamic_router(address: str) -> str | None:
+    """The router that made a dynamic address (`_dynamic/<router id>/...`); None for other addresses."""
+    if not address.startswith(DYNAMIC_PREFIX):
+        return None
+    router, slash, _ = address[len(DYNAMIC_PREFIX) :].partition("/")
+    return router if slash else None

@@ -69,11 +69,13 @@ def router_config(directory: Path, store: Path) -> Path:
     return config
 
 
-def meshbus_throughput(directory: Path, count: int, body_size: int) -> tuple[float, float, float]:
+def meshbus_throughput(
+    router_command: Path, directory: Path, count: int, body_size: int
+) -> tuple[float, float, float]:
     """(accepted msgs/s, delivered msgs/s, disk bytes per message after the producer's run)."""
     client = str(build_client())
     store = directory / "through.db"
-    argv = [str(ROUTER), "router", "--config", str(router_config(directory, store))]
+    argv = [str(router_command), "router", "--config", str(router_config(directory, store))]
     with running("router", [*argv, "--listen", f"{LOCALHOST}:0"], cpus=ROUTER_CPUS) as router:
         host_port = router.expect(LISTENING.pattern, 30, on_stderr=True)[1]
         common = ["-a", host_port, "-t", ADDRESS, "-n", str(count), "-T", str(int(timeout(count)))]
@@ -109,14 +111,16 @@ def _encoded(body_size: int) -> bytes:
     return bytes(Message(body=b"x" * body_size, durable=True).encode())
 
 
-def meshbus_recovery(directory: Path, count: int, body_size: int) -> tuple[float, float, float]:
+def meshbus_recovery(
+    router_command: Path, directory: Path, count: int, body_size: int
+) -> tuple[float, float, float]:
     """(seconds from restart to the first message consumed, the store's recovery seconds, disk bytes per
     message), the store holding `count` messages and its router killed with SIGKILL before the restart."""
     client = str(build_client())
     store = directory / "recovery.db"
     fill(store, count, body_size)
     size = disk_bytes(store) / count
-    argv = [str(ROUTER), "router", "--config", str(router_config(directory, store))]
+    argv = [str(router_command), "router", "--config", str(router_config(directory, store))]
     argv += ["--listen", f"{LOCALHOST}:0"]
     limit = QueueLimits().max_depth
     if count > limit:
@@ -258,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--body-size", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="smoke run: 20,000 messages, 100,000 stored")
     parser.add_argument("--only", choices=["meshbus", "rabbit"])
+    parser.add_argument("--router", type=Path, default=ROUTER, help="the meshbus command to run routers with")
     args = parser.parse_args(arguments)
     if args.quick:
         args.messages, args.stored = 20_000, 100_000
@@ -270,12 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         with tempfile.TemporaryDirectory(prefix="meshbus-durable-bench-") as scratch:
             directory = Path(scratch)
-            accepted, delivered, per_message = meshbus_throughput(directory, args.messages, args.body_size)
+            accepted, delivered, per_message = meshbus_throughput(
+                args.router, directory, args.messages, args.body_size
+            )
             name = "rabbit" if peer else None
             report(Figure("durable_accepted", accepted, "msg/s", name, peer[0] if peer else None))
             report(Figure("durable_delivered", delivered, "msg/s", name, peer[1] if peer else None))
             report(Figure("store_disk_bytes_per_msg_consumed_queue", per_message, "B"))
-            first, recovered, size = meshbus_recovery(directory, args.stored, args.body_size)
+            first, recovered, size = meshbus_recovery(args.router, directory, args.stored, args.body_size)
             report(Figure(f"recovery_first_consumable_{args.stored}", first, "s"))
             report(Figure(f"recovery_store_open_{args.stored}", recovered, "s"))
             report(Figure("store_disk_bytes_per_stored_msg", size, "B"))

@@ -194,3 +194,16 @@ def test_a_queue_entry_stored_elsewhere_is_forgotten_with_its_last_link() -> Non
     assert "notify/a" not in core.entries
     core.remote_changed("_store/prefix:notify", frozenset({"r2"}))
     assert "notify/a" not in core.entries, "a forgotten entry is not brought back by its rule's stores"
+
+
+def test_the_stores_internal_addresses_are_balanced_whatever_the_rules_say() -> None:
+    rules = DistributionRules(
+        [
+            AddressRule(prefix="_queue", distribution=Distribution.UNAVAILABLE),
+            AddressRule(prefix="_store", distribution=Distribution.MULTICAST),
+        ]
+    )
+    core = RouterCore(RecordingEdge(), rules, "test", "1", QUEUES)
+    assert core.attach_consumer("c", "notify/a").entry.distribution is Distribution.BALANCED
+    core.remote_changed("_store/prefix:notify", frozenset({"r2"}))
+    assert core.entries["_store/prefix:notify"].distribution is Distribution.BALANCED

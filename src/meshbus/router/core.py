@@ -320,6 +320,8 @@ class RouterCore:
             router = _dynamic_router(address)
             if router is not None:  # made by a router, whatever the rules say: its consumer is one link
                 distribution = Distribution.CLOSEST
+            elif address.startswith((QUEUE_PREFIX, STORE_PREFIX)):  # the stores' own, whatever the rules say
+                distribution = Distribution.BALANCED
             elif distribution is None:
                 distribution = self._rules.lookup(address)
                 rule = self.queues.lookup(address)
@@ -327,8 +329,6 @@ class RouterCore:
                 raise AttachError("amqp:not-found", f"address {address!r} is configured unavailable")
             if rule is not None:
                 distribution = Distribution.BALANCED  # one consumer, the store: each message once
-            elif address.startswith((QUEUE_PREFIX, STORE_PREFIX)):
-                distribution = Distribution.BALANCED
             entry = AddressEntry(address, distribution)
             self.entries[address] = entry
             if rule is not None:

@@ -1,6 +1,6 @@
 """Balanced, closest and multicast addresses across four routers in a square A - B - C - D - A, with exact
-counts: a producer on A, consumers on the other routers (and on A for multicast). Clients are the
-library's `ClientConnection`s, all on one asyncio loop in the test's thread."""
+counts, and outcomes back across the mesh: a producer on A, consumers on the other routers (and on A for
+multicast). Clients are the library's `ClientConnection`s, all on one asyncio loop in the test's thread."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import pytest
 from proton import Message
 
-from meshbus.amqp.client import ACCEPTED, ClientConnection, Host, IncomingMessage
+from meshbus.amqp.client import ACCEPTED, MODIFIED, REJECTED, ClientConnection, Host, IncomingMessage, Outcome
 from tests.conftest import Router
 from tests.mesh_routers.conftest import WAIT, Mesh
 
@@ -174,5 +174,40 @@ def test_multicast_gives_every_consumer_on_every_router_each_message_once(square
                 assert Counter(consumer.bodies) == Counter([*bodies, END]), f"consumer on {router_id}"
         finally:
             await close([producer, *(consumer.connection for consumer in consumers.values())])
+
+    asyncio.run(asyncio.wait_for(scenario(), WAIT * 3))
+
+
+def test_each_consumers_outcome_reaches_the_producer_two_hops_away(square: Mesh) -> None:
+    refusal = ("mesh-test:refused", "the consumer on C refuses this one")
+
+    async def scenario() -> None:
+        address = f"mesh/outcomes/{uuid.uuid4().hex}"
+        consumer = Consumer(square["C"], address, hold=True)
+        producer = connect(square["A"])
+        try:
+            await consumer.ready()
+            await reaches(producer, [consumer])
+            bodies = [f"outcome-{n}" for n in range(30)]
+            sends = [producer.send(address, encode(address, body)) for body in bodies]
+            await eventually(lambda: len(consumer.held) == len(bodies), lambda: f"{len(consumer.held)} held")
+            for message in consumer.held:
+                kind = int(body_of(message).rsplit("-", 1)[1]) % 3
+                if kind == 0:
+                    message.accept()
+                elif kind == 1:
+                    message.reject(*refusal)
+                else:
+                    message.modify(delivery_failed=True, undeliverable_here=True)
+            outcomes = await asyncio.gather(*sends)
+            for n, outcome in enumerate(outcomes):
+                expected = [
+                    Outcome(ACCEPTED),
+                    Outcome(REJECTED, error=refusal),
+                    Outcome(MODIFIED, delivery_failed=True, undeliverable_here=True),
+                ][n % 3]
+                assert outcome == expected, f"message {n}"
+        finally:
+            await close([producer, consumer.connection])
 
     asyncio.run(asyncio.wait_for(scenario(), WAIT * 3))

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime
 
 from meshbus.messaging import (
     MessagingTimeout,
@@ -45,6 +46,7 @@ class Result:
     n: int
     kind: str  # "call" or "cast"
     started: float  # time.monotonic()
+    clock: float  # time.time() at the start, to compare with the routers' logs
     error: Exception | None
 
 
@@ -65,7 +67,7 @@ class Load:
         while not self._stopped.is_set():
             n = next(self._numbers)
             kind = "call" if n % 2 == 0 else "cast"
-            started = time.monotonic()
+            started, clock = time.monotonic(), time.time()
             error: Exception | None = None
             try:
                 if kind == "call":
@@ -75,7 +77,7 @@ class Load:
             except Exception as failure:  # any failure is counted; the test judges it
                 error = failure
             with self._lock:
-                self.results.append(Result(n, kind, started, error))
+                self.results.append(Result(n, kind, started, clock, error))
 
     def since(self, moment: float, until: float = float("inf")) -> list[Result]:
         with self._lock:
@@ -95,7 +97,11 @@ class Load:
 
 
 def summary(results: list[Result]) -> str:
-    failed = [f"{r.kind} {r.n}: {type(r.error).__name__}: {r.error}" for r in results if r.error]
+    failed = [
+        f"{r.kind} {r.n} at {datetime.fromtimestamp(r.clock).time()}: {type(r.error).__name__}: {r.error}"
+        for r in results
+        if r.error
+    ]
     return f"{len(results)} requests, {len(failed)} failed: {failed[:10]}"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from os import sched_yield
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Final
@@ -278,6 +279,8 @@ class Engine:
 
     def _poll_again(self) -> None:
         if time.perf_counter() < self._polling_until:
+            # Polling must not starve a process sharing this CPU (a peer router, a client): let it run first.
+            sched_yield()
             asyncio.get_running_loop().call_soon(self._poll_again)
         else:
             self._polling_until = 0.0

@@ -388,7 +388,7 @@ class AsyncRPCServer(AsyncService):
         async def beat() -> None:
             while True:
                 await asyncio.sleep(monitor / 2)
-                self.transport.reply(heartbeat)
+                self.transport.reply(heartbeat, at_least_once=False)
 
         return asyncio.get_running_loop().create_task(beat())
 

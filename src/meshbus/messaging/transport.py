@@ -53,13 +53,19 @@ R = TypeVar("R")
 SCHEMES: Final = ("meshbus", "amqp")
 DEFAULT_PORT: Final = 5672
 DEFAULT_URL: Final = "meshbus://127.0.0.1:5672/"
-# A RELEASED request was not taken by anyone; resending it at once finds a server that started meanwhile or
-# another server of the topic (one may release while stopping). After this many, nobody serves the address.
-RELEASED_RESENDS: Final = 2
+# A RELEASED request was not taken by anyone; resending it finds a server that started meanwhile, another
+# server of the topic (one may release while stopping), or a mesh whose routes settled (a router that just
+# joined may not know every address for a few milliseconds). Resends wait RELEASED_DELAY, doubling: 28 ms in
+# all, within the 50 ms promised for fast failure. After this many, nobody serves the address.
+RELEASED_RESENDS: Final = 3
+RELEASED_DELAY: Final = 0.004
 # A consumer that failed (or a connection that dropped) may fail again at once: resends back off, from
 # this delay doubling up to the next.
 RESEND_DELAY: Final = 0.01
 MAX_RESEND_DELAY: Final = 1.0
+# A reply given back is resent this many times, backing off from RESEND_DELAY: 0.6 s in all, long enough for
+# the mesh to settle a changed route, short for a caller that is gone.
+REPLY_RESENDS: Final = 6
 
 
 @dataclass(slots=True)
@@ -163,8 +169,11 @@ class AsyncTransport:
         self._id_prefix = f"{uuid.uuid4().hex[:16]}-"
         self._ids = itertools.count()
         self._replies: Receiver | None = None
+        self._replying: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references to tasks
 
     async def close(self) -> None:
+        for task in self._replying:
+            task.cancel()
         if self._replies is not None:
             self._replies.close()
         await self.connection.close()
@@ -175,10 +184,10 @@ class AsyncTransport:
         self, address: str, payload: Callable[[], Awaitable[bytes]], retry: int | None
     ) -> None:
         """Send until accepted. `payload()` makes the bytes for each attempt (a call's reply address may
-        change with a reconnect). RELEASED: resent at once, RELEASED_RESENDS times at most; MODIFIED (a
-        consumer had it and failed) or an unknown outcome (the connection dropped): resent, `retry` times
-        at most (None: until the caller's time-out), after a back-off that doubles from RESEND_DELAY.
-        REJECTED: never resent."""
+        change with a reconnect). RELEASED: resent RELEASED_RESENDS times at most, after RELEASED_DELAY,
+        doubling; MODIFIED (a consumer had it and failed) or an unknown outcome (the connection dropped):
+        resent, `retry` times at most (None: until the caller's time-out), after a back-off that doubles
+        from RESEND_DELAY. REJECTED: never resent."""
         released = failed = 0
         while True:
             if failed:
@@ -204,6 +213,7 @@ class AsyncTransport:
             released += 1
             if released > RELEASED_RESENDS:
                 raise MessageUndeliverable(address, _detail(outcome))
+            await asyncio.sleep(RELEASED_DELAY * 2 ** (released - 1))
 
     async def call(
         self,
@@ -264,9 +274,28 @@ class AsyncTransport:
         except TimeoutError:
             raise MessagingTimeout(f"{address}: not taken within {timeout} s") from None
 
-    def reply(self, payload: bytes) -> None:
-        """Send a reply (pre-settled, by its `to`): a caller that is gone loses nothing it waits for."""
-        self.connection.send(None, payload, settled=True)
+    def reply(self, payload: bytes, *, at_least_once: bool = True) -> None:
+        """Send a reply by its `to`, in the background: until its caller has it, resent with back-off while it
+        is given back (a route through the mesh may be changing), at most REPLY_RESENDS times (its caller may
+        be gone). `at_least_once=False`: written once, pre-settled (a call monitor's heartbeat)."""
+        if not at_least_once:
+            self.connection.send(None, payload, settled=True)
+            return
+        task = asyncio.get_running_loop().create_task(self._reply(payload))
+        self._replying.add(task)
+        task.add_done_callback(self._replying.discard)
+
+    async def _reply(self, payload: bytes) -> None:
+        for attempt in range(REPLY_RESENDS + 1):
+            if attempt:
+                await asyncio.sleep(min(RESEND_DELAY * 2 ** (attempt - 1), MAX_RESEND_DELAY))
+            try:
+                outcome = await self.connection.send(None, payload)
+            except OutcomeUnknown:
+                continue
+            if outcome.state in (ACCEPTED, REJECTED):
+                return
+        log.debug("a reply was given back %d times; its caller is gone", REPLY_RESENDS + 1)
 
     # -- replies ------------------------------------------------------------------------------------------
 

@@ -149,10 +149,11 @@ class StoreEndpoint:
             self.store.attach(queue, outlet, pool)
             outlet.link = self.core.attach_producer(outlet, address, OUTLET_CAPACITY, edge=self)
         else:
-            outlet = self.outlets.pop(address)
-            assert outlet.link is not None
-            self.core.detach_producer(outlet.link)
-            self.store.detach(outlet, self.clock())
+            gone = self.outlets.pop(address, None)
+            if gone is None or gone.link is None:
+                return  # reachable before the store started: it never fed this address
+            self.core.detach_producer(gone.link)
+            self.store.detach(gone, self.clock())
             self.wake()
 
     # -- Edge: the intake links ----------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 1. `router(config)` starts `meshbus router --config FILE` in a subprocess with the given configuration (a dict
    or TOML text; listeners default to 127.0.0.1 on an ephemeral port) and returns a `Router` once it logs
-   `listening on HOST:PORT`. It is stopped, by its PID, when the test ends.
+   `listening on HOST:PORT`. It is stopped, by its PID, when the test ends. Each router keeps its store
+   (issue 6) in a directory of the test's own (`Router.state`) unless its configuration says otherwise.
 2. `default_router` is one router shared by the whole session, for tests that need no special configuration.
 3. When a test fails, the log lines each of its routers wrote during the test are added to the report.
 """
@@ -43,6 +44,9 @@ class Router:
     def __init__(self, name: str, config_path: Path) -> None:
         self.name = name
         self.config_path = config_path
+        # The store's default place ($XDG_STATE_HOME/meshbus/<id>.db), one per router name: a router started
+        # again under its name (after a kill) finds its store.
+        self.state = config_path.parent / f"{name}-state"
         self._lines: list[str] = []
         self._changed = threading.Condition()
         self.process = subprocess.Popen(
@@ -51,6 +55,7 @@ class Router:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, "XDG_STATE_HOME": str(self.state)},
         )
         self._reader = threading.Thread(target=self._read, name=f"{name}-stderr", daemon=True)
         self._reader.start()

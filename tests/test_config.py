@@ -243,7 +243,7 @@ def test_address_rules_are_checked(tmp_path, text, message):
             '[[listener]]\ncolour = "blue"\n',
             "router.toml:2: listener[0].colour: unknown field; the fields allowed here are host, port,"
             " sasl_mechanisms, authenticate_peer, idle_timeout, max_frame_size, link_capacity,"
-            " max_message_size",
+            " max_message_size, role, cost",
         ),
         (
             '[router]\nname = "a"\n',
@@ -257,7 +257,8 @@ def test_address_rules_are_checked(tmp_path, text, message):
         ),
         (
             "[router]\n\n[listeners]\nport = 1\n",
-            "router.toml:3: listeners: unknown field; the fields allowed here are router, listener, address",
+            "router.toml:3: listeners: unknown field; the fields allowed here are router, listener,"
+            " connector, mesh, address, store, queue",
         ),
     ],
 )
@@ -309,3 +310,86 @@ def test_file_that_is_not_utf8(tmp_path):
     path.write_bytes(b'[router]\nid = "caf\xe9"\n')
     with pytest.raises(ConfigError, match=r"router.toml:2: not UTF-8 text; save the file as UTF-8$"):
         load_config(path)
+
+
+# -- the store and its queues (issue 6) ---------------------------------------------------------------------
+
+
+def test_store_path_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "etc").mkdir()
+    monkeypatch.chdir(tmp_path / "etc")
+    config = load_config(Path("..") / write(tmp_path, '[store]\npath = "data/a.db"\n').name)
+    assert config.store_path() == (tmp_path / "data" / "a.db").resolve()
+
+
+def test_store_path_defaults_to_the_state_directory_and_the_router_id(tmp_path, monkeypatch):
+    config = load_config(write(tmp_path, '[router]\nid = "r1"\n'))
+    assert config.store.enabled
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert config.store_path() == tmp_path / "state" / "meshbus" / "r1.db"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert config.store_path() == tmp_path / "home" / ".local" / "state" / "meshbus" / "r1.db"
+
+
+def test_notifications_are_queues_unless_configured_otherwise(tmp_path):
+    config = load_config(
+        write(
+            tmp_path,
+            """\
+            [[queue]]
+            pattern = "telemetry/*/samples"
+            max_depth = 10
+            dead_letter = "openstack.org/om/notify/dead"
+
+            [[queue]]
+            prefix = "openstack.org/om/notify"
+            max_deliveries = 3
+            """,
+        )
+    )
+    rules = config.queue_rules()
+    limits = config.queue_limits()
+    notify = rules.lookup("openstack.org/om/notify/anycast/nova/notifications.info")
+    samples = rules.lookup("telemetry/a/samples")
+    assert notify is not None and samples is not None
+    assert rules.lookup("openstack.org/om/rpc/anycast/nova/compute") is None
+    assert limits[notify].max_deliveries == 3, "a configured rule equal to the built-in one sets its limits"
+    assert (limits[samples].max_depth, limits[samples].dead_letter) == (10, "openstack.org/om/notify/dead")
+    assert limits[samples].max_bytes == 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[[queue]]\nprefix = "a"\npattern = "b/#"\n',
+            "router.toml:1: queue[0]: give exactly one of prefix and pattern",
+        ),
+        (
+            '[[queue]]\nprefix = "a"\nmax_depth = 0\n',
+            "router.toml:3: queue[0].max_depth: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            '[[queue]]\nprefix = "a"\nttl = 5\n',
+            "router.toml:3: queue[0].ttl: unknown field; the fields allowed here are prefix, pattern,"
+            " max_depth, max_bytes, max_deliveries, dead_letter",
+        ),
+        (
+            '[store]\nenabled = "yes"\n',
+            'router.toml:2: store.enabled: Input should be a valid boolean (got "yes")',
+        ),
+        (
+            '[[queue]]\nprefix = "jobs"\ndead_letter = "graveyard"\n',
+            "router.toml:3: queue[0].dead_letter: 'graveyard' is not a queue address;"
+            " add a [[queue]] rule matching it, or choose an address one matches",
+        ),
+        (
+            '[[queue]]\nprefix = "jobs"\ndead_letter = "jobs/dead"\n',
+            "router.toml:3: queue[0].dead_letter: 'jobs/dead' is a queue of this rule itself, so its dead"
+            " letters would come back to it; choose an address another [[queue]] rule matches",
+        ),
+    ],
+)
+def test_queue_and_store_tables_are_checked(tmp_path, text, message):
+    assert load_error(tmp_path, text) == message

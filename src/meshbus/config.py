@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import tomllib
@@ -28,13 +29,17 @@ from pydantic_core import ErrorDetails
 
 from meshbus.mesh.config import MeshConfig
 from meshbus.router.addressing import (
+    DEFAULT_QUEUE_RULES,
     DEFAULT_RULES,
     AddressRule,
     Distribution,
     DistributionRules,
+    QueueRule,
+    QueueRules,
     check_pattern,
     check_prefix,
 )
+from meshbus.store.queue import QueueLimits
 
 SaslMechanism = Literal["ANONYMOUS", "PLAIN"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -146,6 +151,45 @@ class AddressConfig(_Table):
         return AddressRule(prefix=self.prefix, pattern=self.pattern, distribution=self.distribution)
 
 
+class StoreSettings(_Table):
+    """The [store] table: the store embedded in this router, which keeps the queues (issue 6)."""
+
+    enabled: bool = True  # false: this router stores nothing; its queue addresses go to the mesh's stores
+    # Default: $XDG_STATE_HOME (or ~/.local/state)/meshbus/<router id>.db. Relative to the configuration
+    # file's directory (`load_config` makes it absolute).
+    path: Path | None = Field(default=None, strict=False)
+
+
+_QUEUE_DEFAULTS = QueueLimits()
+
+
+class QueueConfig(_Table):
+    """One [[queue]] table: addresses that are durable queues, and their limits."""
+
+    prefix: Annotated[str, AfterValidator(check_prefix)] | None = None
+    pattern: Annotated[str, AfterValidator(check_pattern)] | None = None
+    max_depth: int = Field(default=_QUEUE_DEFAULTS.max_depth, ge=1)  # messages
+    max_bytes: int = Field(default=_QUEUE_DEFAULTS.max_bytes, ge=1)  # payload bytes
+    max_deliveries: int = Field(default=_QUEUE_DEFAULTS.max_deliveries, ge=0)  # 0: no limit
+    dead_letter: str | None = Field(default=None, min_length=1)  # an address of a queue; none: dropped
+
+    @model_validator(mode="after")
+    def _one_of_prefix_and_pattern(self) -> QueueConfig:
+        self.rule()
+        return self
+
+    def rule(self) -> QueueRule:
+        return QueueRule(prefix=self.prefix, pattern=self.pattern)
+
+    def limits(self) -> QueueLimits:
+        return QueueLimits(
+            max_depth=self.max_depth,
+            max_bytes=self.max_bytes,
+            max_deliveries=self.max_deliveries,
+            dead_letter=self.dead_letter,
+        )
+
+
 class RouterConfig(_Table):
     """A whole configuration file."""
 
@@ -154,10 +198,56 @@ class RouterConfig(_Table):
     connector: list[ConnectorConfig] = Field(default_factory=list)
     mesh: MeshSettings = Field(default_factory=MeshSettings)
     address: list[AddressConfig] = Field(default_factory=list)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    queue: list[QueueConfig] = Field(default_factory=list)
+
+    def dead_letter_errors(self) -> list[tuple[int, str]]:
+        """(index of the [[queue]] table, what is wrong) for each dead_letter that is not a queue of another
+        rule (its dead letters would be dropped, or come back to it)."""
+        rules = self.queue_rules()
+        errors = []
+        for index, queue in enumerate(self.queue):
+            if queue.dead_letter is None:
+                continue
+            rule = rules.lookup(queue.dead_letter)
+            if rule is None:
+                errors.append(
+                    (
+                        index,
+                        f"{queue.dead_letter!r} is not a queue address; add a [[queue]] rule matching it, or "
+                        "choose an address one matches",
+                    )
+                )
+            elif rule == queue.rule():
+                errors.append(
+                    (
+                        index,
+                        f"{queue.dead_letter!r} is a queue of this rule itself, so its dead letters would "
+                        "come back to it; choose an address another [[queue]] rule matches",
+                    )
+                )
+        return errors
 
     def distribution_rules(self) -> DistributionRules:
         """The built-in rules followed by the configured ones (which win ties)."""
         return DistributionRules([*DEFAULT_RULES, *(address.rule() for address in self.address)])
+
+    def queue_rules(self) -> QueueRules:
+        """The built-in queue rules followed by the configured ones (which win ties)."""
+        return QueueRules([*DEFAULT_QUEUE_RULES, *(queue.rule() for queue in self.queue)])
+
+    def queue_limits(self) -> dict[QueueRule, QueueLimits]:
+        """Each queue rule's limits (a configured rule equal to a built-in one sets its limits)."""
+        limits = dict.fromkeys(DEFAULT_QUEUE_RULES, _QUEUE_DEFAULTS)
+        limits.update((queue.rule(), queue.limits()) for queue in self.queue)
+        return limits
+
+    def store_path(self) -> Path:
+        """Where this router's store file is."""
+        if self.store.path is not None:
+            return self.store.path
+        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(state) / "meshbus" / f"{self.router.id}.db"
 
 
 def default_config() -> RouterConfig:
@@ -185,8 +275,20 @@ def load_config(path: Path) -> RouterConfig:
     except ValidationError as exc:
         lines = text.splitlines()
         raise ConfigError("\n".join(_describe(path, lines, error) for error in exc.errors())) from None
+    dead_letters = config.dead_letter_errors()
+    if dead_letters:
+        lines = text.splitlines()
+        found = [
+            (index, _find_line(lines, ("queue", index, "dead_letter")), error)
+            for index, error in dead_letters
+        ]
+        raise ConfigError(
+            "\n".join(f"{path}:{line}: queue[{index}].dead_letter: {error}" for index, line, error in found)
+        )
     if config.router.users_file is not None:
         config.router.users_file = (path.parent / config.router.users_file).resolve()
+    if config.store.path is not None:
+        config.store.path = (path.parent / config.store.path).resolve()
     return config
 
 
@@ -222,6 +324,8 @@ def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel]:
         "connector": ConnectorConfig,
         "mesh": MeshSettings,
         "address": AddressConfig,
+        "store": StoreSettings,
+        "queue": QueueConfig,
     }
     return tables[loc[0]] if loc else RouterConfig
 

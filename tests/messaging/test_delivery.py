@@ -112,10 +112,8 @@ def test_a_call_cast_or_notification_nobody_serves_fails_at_once(api: Api, topic
     fails_at_once(
         lambda: fanout.cast({}, "echo", value=1), wire.rpc_address(Target(topic=topic, fanout=True))
     )
-    notifier = api.notifier(transport, "test", topics=[topic], timeout=30.0)
-    fails_at_once(
-        lambda: notifier.info({}, "nobody.listens", {}), wire.notify_address(Target(topic=topic), "info")
-    )
+    # A notification is stored for the listeners to come (notification addresses are queues, issue 6).
+    api.notifier(transport, "test", topics=[topic], timeout=30.0).info({}, "nobody.listens.yet", {})
 
 
 def test_a_call_fails_at_once_after_its_server_stopped(api: Api, topic: str) -> None:

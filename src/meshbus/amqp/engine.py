@@ -120,7 +120,7 @@ from meshbus.amqp.pn import (
     pn_transport_unbind,
 )
 from meshbus.config import ListenerConfig
-from meshbus.router.addressing import DistributionRules
+from meshbus.router.addressing import DistributionRules, QueueRules
 from meshbus.router.core import (
     ACCEPTED_KIND,
     MODIFIED_KIND,
@@ -177,10 +177,11 @@ class Engine:
         users: UserDatabase | None,
         executor: Executor | None = None,
         busy_poll: float = 0.0,
+        queues: QueueRules | None = None,
     ) -> None:
         self.router_id = router_id
         self.collector = pn_collector()
-        self.core = RouterCore(self, rules, router_id, f"{time.time_ns():x}")
+        self.core = RouterCore(self, rules, router_id, f"{time.time_ns():x}", queues)
         self.users = users
         self.executor = executor
         self.mesh: MeshEdge | None = None  # set when the router has inter-router listeners or connectors

@@ -1,7 +1,8 @@
 """The router process: listeners, the timer, signals, start and orderly shutdown.
 
 Rules of this module:
-1. It wires config -> Engine -> asyncio servers; the protocol lives in engine.py and connection.py.
+1. It wires config -> Engine (and the embedded store, storehost.py) -> asyncio servers; the protocol lives
+   in engine.py and connection.py.
 2. SIGTERM and SIGINT close every connection with a Close frame, then the process exits 0.
 """
 
@@ -18,6 +19,7 @@ from typing import cast
 from meshbus.amqp.connection import AmqpConnection
 from meshbus.amqp.engine import Engine
 from meshbus.amqp.interrouter import Connector, MeshEdge
+from meshbus.amqp.storehost import StoreHost
 from meshbus.config import ListenerConfig, RouterConfig
 from meshbus.users import UserDatabase
 
@@ -50,9 +52,15 @@ async def serve(config: RouterConfig) -> int:
                 )
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="meshbus-auth") as executor:
         engine = Engine(
-            config.router.id, config.distribution_rules(), users, executor, config.router.busy_poll / 1e6
+            config.router.id,
+            config.distribution_rules(),
+            users,
+            executor,
+            config.router.busy_poll / 1e6,
+            config.queue_rules(),
         )
         engine.mesh = MeshEdge(engine, config.router.id, config.mesh.protocol())
+        store = StoreHost.open(config, engine.core) if config.store.enabled else None
         servers = [await _listen(loop, engine, listener) for listener in config.listener]
         connectors = [Connector(engine, connector) for connector in config.connector]
         for connector in connectors:
@@ -72,6 +80,8 @@ async def serve(config: RouterConfig) -> int:
             server.close()
         engine.close_all()
         await _wait_closed(engine)
+        if store is not None:
+            await store.close()
         log.info("router %s stopped: %s", config.router.id, engine.core.counters)
     return 0
 

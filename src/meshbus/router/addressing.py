@@ -1,7 +1,7 @@
-"""Distribution rules: which way the router spreads messages sent to an address.
+"""Address rules: which way the router spreads messages sent to an address, and which addresses are queues.
 
-1. This module owns the address rules (prefixes and patterns), their order of precedence and
-   the per-address lookup cache.
+1. This module owns the address rules (prefixes and patterns: distribution rules and queue rules), their
+   order of precedence and the per-address lookup caches.
 2. It must not do I/O, read the clock or log: the router core asks `DistributionRules.lookup`
    on its hot path (anonymous-relay messages) and gets an answer from memory.
 
@@ -19,11 +19,14 @@ import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final, Protocol, TypeVar
 
 SEPARATORS = "/."
 _SPLIT = re.compile(r"[/.]")
 # How many distinct addresses keep their answer; the cache evicts the least recently used beyond.
 LOOKUP_CACHE_SIZE = 65_536
+
+M = TypeVar("M", bound="Matching")
 
 
 class Distribution(enum.Enum):
@@ -75,7 +78,17 @@ def check_pattern(pattern: str) -> str:
     return pattern
 
 
-def _specificity(rule: AddressRule, index: int) -> tuple[int, bool, int]:
+class Matching(Protocol):
+    """What the precedence and matching rules read of a rule: exactly one of `prefix` and `pattern`."""
+
+    @property
+    def prefix(self) -> str | None: ...
+
+    @property
+    def pattern(self) -> str | None: ...
+
+
+def _specificity(rule: Matching, index: int) -> tuple[int, bool, int]:
     # Literal segments, then a prefix before a pattern, then the later rule: the greatest wins.
     if rule.prefix is not None:
         return len(_SPLIT.split(rule.prefix)), True, index
@@ -83,7 +96,7 @@ def _specificity(rule: AddressRule, index: int) -> tuple[int, bool, int]:
     return sum(s not in ("*", "#") for s in _SPLIT.split(rule.pattern)), False, index
 
 
-def _rule_regex(rule: AddressRule) -> re.Pattern[str]:
+def _rule_regex(rule: Matching) -> re.Pattern[str]:
     # Matched against the address with a '/' appended, so that every segment, the last included,
     # ends with a separator: then '#' can stand for zero segments, and a prefix ends at a boundary.
     if rule.prefix is not None:
@@ -101,8 +114,7 @@ class DistributionRules:
     def __init__(self, rules: Sequence[AddressRule], default: Distribution = Distribution.BALANCED) -> None:
         self.rules = tuple(rules)
         self.default = default
-        ranked = sorted(range(len(self.rules)), key=lambda i: _specificity(self.rules[i], i), reverse=True)
-        self._by_precedence = [(_rule_regex(self.rules[i]), self.rules[i].distribution) for i in ranked]
+        self._by_precedence = [(regex, rule.distribution) for regex, rule in _by_precedence(self.rules)]
         # Per instance, so that the cache goes away with the rules it was computed from.
         self.lookup = functools.lru_cache(maxsize=LOOKUP_CACHE_SIZE)(self._match)
 
@@ -112,6 +124,54 @@ class DistributionRules:
             if regex.fullmatch(terminated):
                 return distribution
         return self.default
+
+
+def _by_precedence(rules: Sequence[M]) -> list[tuple[re.Pattern[str], M]]:
+    """Each rule with its regular expression, the one that wins first."""
+    ranked = sorted(range(len(rules)), key=lambda i: _specificity(rules[i], i), reverse=True)
+    return [(_rule_regex(rules[i]), rules[i]) for i in ranked]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueRule:
+    """Addresses that are durable queues (issue 6): exactly one of `prefix` and `pattern`. Every router of a
+    mesh has the same queue rules; `key` names the rule between them (`_store/<key>` is advertised by the
+    routers that store its queues)."""
+
+    prefix: str | None = None
+    pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        AddressRule(prefix=self.prefix, pattern=self.pattern)  # the same checks as a distribution rule
+
+    @property
+    def key(self) -> str:
+        return f"prefix:{self.prefix}" if self.prefix is not None else f"pattern:{self.pattern}"
+
+
+# Addresses of the router's own making: never queues, whatever the rules match.
+INTERNAL_PREFIXES: Final = ("_queue/", "_store/", "_dynamic/")
+
+
+class QueueRules:
+    """The queue rules in force, and `lookup(address) -> QueueRule | None`, cached per address, with the
+    precedence of distribution rules (the most specific wins)."""
+
+    lookup: Callable[[str], QueueRule | None]
+
+    def __init__(self, rules: Sequence[QueueRule]) -> None:
+        self.rules = tuple(rules)
+        self._by_precedence = _by_precedence(self.rules)
+        self.lookup = functools.lru_cache(maxsize=LOOKUP_CACHE_SIZE)(self._match)
+
+    def _match(self, address: str) -> QueueRule | None:
+        if address.startswith(INTERNAL_PREFIXES):
+            return None
+        terminated = address + "/"
+        for regex, rule in self._by_precedence:
+            if regex.fullmatch(terminated):
+                return rule
+        return None
 
 
 def _oslo_rules(root: str) -> list[AddressRule]:
@@ -127,3 +187,6 @@ DEFAULT_RULES: tuple[AddressRule, ...] = (
     *_oslo_rules("openstack.org/om/rpc"),
     *_oslo_rules("openstack.org/om/notify"),
 )
+
+# Every oslo notification is stored: a listener that is down, restarting or slow misses nothing.
+DEFAULT_QUEUE_RULES: tuple[QueueRule, ...] = (QueueRule(prefix="openstack.org/om/notify"),)

@@ -27,6 +27,12 @@ Rules of this module:
    delivery arriving from another router moves on at once (the link between routers always gets its
    credit back), and an unsettled delivery that entered the mesh here occupies its producer's credit until
    its outcome comes back. Memory anywhere in the mesh is so bounded by the producers' capacities.
+8. Queues (issue 6): the queue rules say which addresses are durable queues. On a router hosting a store
+   for the rule (`queue_host`), the store's endpoint consumes from a queue address X through a link of its
+   own, attached when X's entry is created, so producers' deliveries take the normal path to the store.
+   Elsewhere X's remote routers are those advertising `_store/<rule key>` (the stores of the mesh). A
+   client's receiving link on X with pool P joins the internal address `_queue/<P>/X` (see
+   `queue_address`), whose producer is the store's endpoint wherever the address is reachable.
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Protocol
+from urllib.parse import quote, unquote
 
 from meshbus.mesh.path import Route
-from meshbus.router.addressing import Distribution, DistributionRules
+from meshbus.router.addressing import Distribution, DistributionRules, QueueRule, QueueRules
 
 # The most routers a delivery may pass; beyond, it is released (a routing loop while the mesh converges).
 MAX_HOPS: Final = 32
@@ -104,6 +111,42 @@ class Edge(Protocol):
 
     def drained(self, link: ConsumerLink) -> None:
         """Spend the consumer's remaining credit: nothing more to send on a draining link."""
+
+
+QUEUE_PREFIX: Final = "_queue/"  # _queue/<pool>/<queue address>: a pool's consumers of a queue
+STORE_PREFIX: Final = "_store/"  # _store/<rule key>: consumed by the routers storing the rule's queues
+_DEFAULT_POOL: Final = "-"  # the group of consumers naming no pool; a named pool is written "+<pool>"
+
+
+def queue_address(pool: str | None, address: str) -> str:
+    """The internal address of a pool's consumers of a queue: `_queue/-/X` for the default group,
+    `_queue/+<pool, percent-encoded>/X` for a named one (so any pool name, '/' included, maps one way)."""
+    encoded = _DEFAULT_POOL if pool is None else "+" + quote(pool, safe="")
+    return f"{QUEUE_PREFIX}{encoded}/{address}"
+
+
+def parse_queue_address(internal: str) -> tuple[str | None, str] | None:
+    """(pool, queue address) of an internal `_queue/` address; None for any other address."""
+    if not internal.startswith(QUEUE_PREFIX):
+        return None
+    encoded, _, address = internal[len(QUEUE_PREFIX) :].partition("/")
+    if encoded == _DEFAULT_POOL:
+        return None, address
+    return unquote(encoded[1:]), address
+
+
+def store_address(rule: QueueRule) -> str:
+    return STORE_PREFIX + rule.key
+
+
+class QueueHost(Protocol):
+    """The store of this router, as far as the core needs it."""
+
+    def hosts(self, rule: QueueRule) -> bool:
+        """This router stores the queues of the rule."""
+
+    def serve(self, address: str) -> None:
+        """The queue address just got its entry here: attach the store's consumer on it."""
 
 
 class Watcher(Protocol):
@@ -245,11 +288,17 @@ class RouterCore:
         rules: DistributionRules,
         router_id: str,
         instance: str,
+        queues: QueueRules | None = None,
     ) -> None:
         self._edge = edge
         self._rules = rules
         self.router_id = router_id
         self._dynamic_prefix = f"{DYNAMIC_PREFIX}{router_id}/{instance}."
+        self.queues = queues or QueueRules(())
+        self.queue_host: QueueHost | None = None
+        self._stores: dict[str, frozenset[str]] = {}  # rule key -> the other routers storing its queues
+        # rule key -> the queue addresses of the rule with an entry here, stored by other routers
+        self._stored_elsewhere: dict[str, dict[str, None]] = {}
         self._dynamic_count = 0
         self.entries: dict[str, AddressEntry] = {}
         self.counters = Counters()
@@ -267,14 +316,23 @@ class RouterCore:
         if entry is None:
             if address.startswith(MESH_PREFIX):
                 raise AttachError("amqp:not-allowed", f"addresses under {MESH_PREFIX} are the routers' own")
+            rule = None
             router = _dynamic_router(address)
             if router is not None:  # made by a router, whatever the rules say: its consumer is one link
                 distribution = Distribution.CLOSEST
-            distribution = distribution or self._rules.lookup(address)
+            elif address.startswith((QUEUE_PREFIX, STORE_PREFIX)):  # the stores' own, whatever the rules say
+                distribution = Distribution.BALANCED
+            elif distribution is None:
+                distribution = self._rules.lookup(address)
+                rule = self.queues.lookup(address)
             if distribution is Distribution.UNAVAILABLE:
                 raise AttachError("amqp:not-found", f"address {address!r} is configured unavailable")
+            if rule is not None:
+                distribution = Distribution.BALANCED  # one consumer, the store: each message once
             entry = AddressEntry(address, distribution)
             self.entries[address] = entry
+            if rule is not None:
+                self._queue_created(entry, rule)
             if router is not None and router != self.router_id:
                 # Another router's dynamic address: reached through that router while it is reachable.
                 self._remote_dynamic.add(address)
@@ -282,10 +340,25 @@ class RouterCore:
                     self.remote_changed(address, frozenset((router,)))
         return entry
 
+    def _queue_created(self, entry: AddressEntry, rule: QueueRule) -> None:
+        """A queue address got its entry: the store here takes it, or the stores of the mesh do."""
+        host = self.queue_host
+        if host is not None and host.hosts(rule):
+            host.serve(entry.address)
+            return
+        self._stored_elsewhere.setdefault(rule.key, {})[entry.address] = None
+        stores = self._stores.get(rule.key)
+        if stores:
+            self._set_remote(entry, stores)
+
     def _forget_if_unused(self, entry: AddressEntry) -> None:
-        if not entry.consumers and not entry.producers and not entry.remote:
-            self.entries.pop(entry.address, None)
-            self._remote_dynamic.discard(entry.address)
+        if entry.consumers or entry.producers or entry.remote:
+            return
+        self._remote_dynamic.discard(entry.address)
+        if self.entries.pop(entry.address, None) is not None and self._stored_elsewhere:
+            rule = self.queues.lookup(entry.address)
+            if rule is not None:
+                self._stored_elsewhere.get(rule.key, {}).pop(entry.address, None)
 
     def _gained_consumers(self, entry: AddressEntry, local: bool) -> None:
         """The address's first local consumer (local) or first remote router arrived."""
@@ -312,6 +385,12 @@ class RouterCore:
 
     def remote_changed(self, address: str, routers: frozenset[str]) -> None:
         """The mesh's view: these other routers have consumers for the address (none: no other router)."""
+        if address.startswith(STORE_PREFIX):
+            self._stores_changed(address[len(STORE_PREFIX) :], routers)
+        elif self.queues.lookup(address) is not None:
+            # A queue: its remote routers are those storing its rule, or none where it is stored here (the
+            # store that takes a message keeps it).
+            return
         entry = self.entries.get(address)
         if entry is None:
             if not routers:
@@ -320,6 +399,20 @@ class RouterCore:
                 entry = self._entry(address)
             except AttachError:  # unavailable here: nothing is sent to it from here
                 return
+        self._set_remote(entry, routers)
+
+    def _stores_changed(self, key: str, routers: frozenset[str]) -> None:
+        """The routers storing the queues of rule `key` changed: they are its queues' remote routers."""
+        if routers:
+            self._stores[key] = routers
+        else:
+            self._stores.pop(key, None)
+        for address in list(self._stored_elsewhere.get(key, ())):
+            entry = self.entries.get(address)
+            if entry is not None:
+                self._set_remote(entry, routers)
+
+    def _set_remote(self, entry: AddressEntry, routers: frozenset[str]) -> None:
         before, entry.remote = entry.remote, routers
         if routers and not before:
             self._gained_consumers(entry, local=False)
@@ -343,14 +436,31 @@ class RouterCore:
     ) -> ConsumerLink:
         """A client attached a receiving link. `address` None asks for a dynamic address; `pool` names the
         group of consumers it shares messages with (ignored on a multicast address: the link's pool is then
-        None)."""
+        None). On a queue address the link joins its pool's internal address (`queue_address`), where
+        every consumer is of that pool: the link's pool is then None and its address the internal one."""
         if address is None:
             entry = self._entry(self.dynamic_address(), Distribution.CLOSEST)
+        elif self.queues.lookup(address) is not None:
+            if self._rules.lookup(address) is Distribution.UNAVAILABLE:
+                raise AttachError("amqp:not-found", f"address {address!r} is configured unavailable")
+            entry = self._entry(queue_address(pool, address), Distribution.BALANCED)
+            pool = None
         else:
             entry = self._entry(address)
         if entry.distribution is Distribution.MULTICAST:
             pool = None
-        link = ConsumerLink(handle, entry.address, entry, edge or self._edge, owner, settle_on_send, pool)
+        return self._add_consumer(
+            ConsumerLink(handle, entry.address, entry, edge or self._edge, owner, settle_on_send, pool)
+        )
+
+    def attach_store(self, handle: Handle, address: str, edge: Edge) -> ConsumerLink:
+        """The store's own receiving link on a queue address (or on `_store/<rule key>`): on the address
+        itself, where a client's link on a queue address joins its pool's internal address."""
+        entry = self._entry(address)
+        return self._add_consumer(ConsumerLink(handle, entry.address, entry, edge))
+
+    def _add_consumer(self, link: ConsumerLink) -> ConsumerLink:
+        entry = link.entry
         entry.consumers.append(link)
         self._join_group(entry, link)
         if len(entry.consumers) == 1:
@@ -547,6 +657,8 @@ class RouterCore:
                 self._finish(delivery, rejected("amqp:precondition-failed", "message has no 'to' address"))
                 return delivery
             entry = self.entries.get(to)
+            if entry is None and self.queues.lookup(to) is not None:
+                entry = self._queue_entry(to)
             delivery.address = to
         else:
             delivery.address = entry.address
@@ -686,6 +798,13 @@ class RouterCore:
         """An unsettled delivery entering the mesh here occupies its producer's credit until settled."""
         if delivery.ingress is None and not delivery.settled:
             delivery.held = True
+
+    def _queue_entry(self, address: str) -> AddressEntry | None:
+        """The entry of a queue address an anonymous-relay delivery goes to (created: the store takes it)."""
+        try:
+            return self._entry(address)
+        except AttachError:  # configured unavailable: released, as any address without consumers
+            return None
 
     def _choose(self, group: ConsumerGroup, distribution: Distribution) -> ConsumerLink:
         consumers = group.consumers

@@ -51,22 +51,27 @@ Recovery
     count raised by one. Nothing whose acceptance was durable is delivered to that group again; nothing
     reported durable is lost (tests/store/test_crash.py kills a writer with SIGKILL in a loop).
 
-How the router will use it (a queue address served by a store link)
-    The router knows from its configuration which addresses are queues and gives the store their limits
-    (`limits(address) -> QueueLimits`). It routes to the store what producers send to a queue address and
-    the attaches of consumers to one; the store's outcomes become the producer's:
-    - a producer's delivery: `store.append(address, payload, deadline, now, token=delivery)`; on
-      `QueueFull` settle it rejected (amqp:resource-limit-exceeded, str(error)); False (already expired):
-      the router's expired outcome; `EngineFailed`: rejected amqp:internal-error with its message. A
-      producer link's credit is capped by `store.producer_credit(address, capacity)`, reviewed after each
-      commit.
-    - the commit task: `batch = store.seal()`; `await loop.run_in_executor(writer, store.write, batch)`;
-      for each token of `store.completed(batch)` settle the producer's delivery accepted (or give the
-      consumer's settlement back, below); then send `store.deliveries(now)`.
-    - a consumer's attach: `store.attach(address, link, pool)`; its flow: `store.flow(link, credit)`; each
-      `Outgoing` of `store.deliveries(now)` is sent on its link (`count` becomes the header's
-      delivery-count) and remembered by delivery handle -> offset; its outcome:
-      `store.settle(link, offset, Settlement.X, now, token)` (with receiver-settle-mode second the router
-      settles back once the token shows the acknowledgement durable); its detach: `store.detach(link, now)`.
-    - the router's timer: `store.expire(now)`, rearmed at `store.next_deadline()`.
+How the router uses it (`endpoint`: plain code; meshbus.amqp.storehost: its asyncio side)
+    The configuration's [[queue]] rules say which addresses are queues (built in: every oslo notification
+    address) and their limits; every router of a mesh has the same rules, and a router with [store]
+    enabled stores their queues. The router core (its rule 8) and the endpoint between them:
+    - a queue address X that gets an entry on the router is consumed by the endpoint's own link on X: a
+      producer's delivery is appended (`store.append(X, payload, deadline, now, token=(link, delivery))`)
+      and accepted once its batch is written; QueueFull: rejected amqp:resource-limit-exceeded with
+      str(error); already expired: the router's expired outcome; EngineFailed: rejected
+      amqp:internal-error. That link's credit is `store.producer_credit(X, ...)` (a full queue still gets
+      credit, so that what is sent is refused rather than left waiting), reviewed after each commit.
+    - a client's receiving link on X with pool P is attached to `_queue/<P>/X`; while that address is
+      reachable (consumers here or elsewhere in the mesh) the endpoint feeds it through a producer link of
+      its own, attached to the store's group P of X (`store.attach`); the core's credit for it is the
+      group's (`store.flow`); each `Outgoing` of `store.deliveries(now)` is delivered with its count in the
+      header's delivery-count (`header.with_delivery_count`, proton's codec); the consumer's outcome is
+      `store.settle(...)`; the address becoming unreachable detaches it (`store.detach`).
+    - the group commit: `batch = store.seal()`; `store.write(batch)` on the writer thread; then the
+      tokens of `store.completed(batch)` are accepted and `store.deliveries(now)` sent. A timer at
+      `store.next_deadline()` runs `store.expire(now)`.
+    - in a mesh, a router that stores a rule's queues consumes `_store/<rule key>` too; elsewhere the
+      routers advertising it are the remote routers of the rule's queue addresses, so what is sent there is
+      forwarded to a store. Each message lives in the store that took it; every store serves the
+      consumers (a sharded queue).
 """

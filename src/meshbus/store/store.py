@@ -42,6 +42,7 @@ class Outgoing:
     offset: int
     count: int
     payload: bytes
+    deadline: float | None  # expiry, seconds since the epoch
 
 
 class Store:
@@ -123,7 +124,9 @@ class Store:
         if payload is None:
             payload = stored[message.offset]
             queue.keep(message, payload)
-        return Outgoing(delivery.consumer, queue.address, message.offset, delivery.count, payload)
+        return Outgoing(
+            delivery.consumer, queue.address, message.offset, delivery.count, payload, message.deadline
+        )
 
     def settle(
         self, consumer: Consumer, offset: int, outcome: Settlement, now: float, token: object = None

@@ -1,0 +1,171 @@
+"""The router's embedded store on the event loop: opening it, group commits, the expiry timer, closing it.
+
+Rules of this module:
+1. It owns the store's asyncio side: a turn of the endpoint whenever it asks (`wake`), one group commit at
+   a time (seal on the loop, write on the writer thread, completion back on the loop), a timer at the
+   store's next message deadline. What the store and the endpoint decide lives in meshbus.store.
+2. It logs what an operator needs: the store opened (queues, messages recovered, time taken), a write
+   that failed, the store closed with its counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO
+
+from meshbus.config import RouterConfig
+from meshbus.router.core import RouterCore
+from meshbus.store.endpoint import StoreEndpoint
+from meshbus.store.engine import EngineFailed
+from meshbus.store.queue import QueueLimits
+from meshbus.store.store import Store
+
+log = logging.getLogger("meshbus.store")
+
+STREAM_POLL = 0.05  # seconds between turns while a multi-frame delivery to a queue is arriving
+
+
+class StoreHost:
+    """Drives one store's endpoint on the running event loop."""
+
+    def __init__(self, store: Store, core: RouterCore, config: RouterConfig) -> None:
+        self.store = store
+        self.loop = asyncio.get_running_loop()
+        self.endpoint = StoreEndpoint(store, core, config.queue_limits(), time.time, self.wake)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshbus-store")
+        self._scheduled = False
+        self._commit: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at: float | None = None  # epoch seconds the timer is armed for
+        self._lock: IO[bytes] | None = None  # held while the store is open: one router per store file
+
+    @classmethod
+    def open(cls, config: RouterConfig, core: RouterCore) -> StoreHost:
+        """Open (or create) the configured store file, recover its queues and start serving them."""
+        path = config.store_path()
+        started = time.perf_counter()
+        rules = config.queue_rules()
+        limits = config.queue_limits()
+        default = QueueLimits()
+
+        def limits_of(address: str) -> QueueLimits:
+            rule = rules.lookup(address)
+            return default if rule is None else limits.get(rule, default)
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = _lock(path)
+            store = Store.open(path, limits_of)
+        except (OSError, sqlite3.Error) as error:
+            raise SystemExit(
+                f"meshbus: error: cannot open the store {path}: {error}; check the [store] path and its "
+                "directory's permissions, or set enabled = false in [store]"
+            ) from error
+        host = cls(store, core, config)
+        host._lock = lock
+        host.endpoint.start()
+        messages = sum(queue.depth for queue in store.queues.values())
+        log.info(
+            "store %s opened: %d queues, %d messages recovered in %.2f s",
+            path,
+            len(store.queues),
+            messages,
+            time.perf_counter() - started,
+        )
+        host._arm_expiry()
+        return host
+
+    def wake(self) -> None:
+        """The endpoint has work: a turn at the end of this turn of the event loop."""
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._turn)
+
+    def _turn(self) -> None:
+        self._scheduled = False
+        try:
+            self.endpoint.turn()
+        except Exception:
+            log.exception("internal error in the store's turn")
+        if self._commit is None:
+            self._commit = self.loop.create_task(self._commit_all())
+        if self.endpoint.streaming:
+            self.loop.call_later(STREAM_POLL, self.wake)
+        self._arm_expiry()
+
+    async def _commit_all(self) -> None:
+        """Group commits until nothing is left to write; a batch fills while the previous one is written."""
+        try:
+            while True:
+                try:
+                    batch = self.store.seal()
+                except EngineFailed:
+                    return  # reported when it failed; the appends are refused since
+                if batch is None:
+                    return
+                try:
+                    await self.loop.run_in_executor(self._writer, self.store.write, batch)
+                except EngineFailed as error:
+                    log.error("%s", error)
+                    self.endpoint.failed(batch, error)
+                    return
+                self.endpoint.committed(batch)
+        except Exception:
+            log.exception("internal error in the store's group commit")
+        finally:
+            self._commit = None
+            self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        deadline = self.store.next_deadline()
+        if deadline is None or (self._expiry_at is not None and self._expiry_at <= deadline):
+            return
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry_at = deadline
+        self._expiry = self.loop.call_later(max(0.0, deadline - time.time()), self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = self._expiry_at = None
+        try:
+            self.endpoint.expire()
+        except Exception:
+            log.exception("internal error in the store's expiry")
+        self.wake()
+
+    async def close(self) -> None:
+        """After the connections have gone: the last commit, then the file is closed."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        while self._commit is not None:
+            await self._commit
+        self.endpoint.turn()
+        try:
+            self.store.close()  # the last commit, on the loop: nothing else runs any more
+        except EngineFailed as error:
+            log.error("%s", error)
+        self._writer.shutdown()
+        if self._lock is not None:
+            self._lock.close()
+        log.info("store %s closed: %s", self.store.engine.path, self.endpoint.counters)
+
+
+def _lock(path: Path) -> IO[bytes]:
+    """Hold `<store>.lock` exclusively (released by the kernel if the process dies): two routers on one store
+    file would each take the other's messages for their own."""
+    lock = open(f"{path}.lock", "ab")  # noqa: SIM115 (held open for as long as the store is)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise SystemExit(
+            f"meshbus: error: the store {path} is in use by another router; give each router its own store "
+            "(the [store] path, or a distinct [router] id for the default path)"
+        ) from None
+    return lock

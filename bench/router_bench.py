@@ -123,12 +123,16 @@ class Child:
 
     def __init__(self, name: str, argv: Sequence[str], cpus: set[int], *, hold_stdin: bool = False) -> None:
         self.name = name
+        # A router keeps its default store under XDG_STATE_HOME: one of its own, gone with it, so that no
+        # benchmark run sees another's stored messages or its store's lock.
+        self._state = tempfile.TemporaryDirectory(prefix="meshbus-bench-state-")
         self.popen = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE if hold_stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, "XDG_STATE_HOME": self._state.name},
             preexec_fn=lambda: os.sched_setaffinity(0, cpus),
         )
         assert self.popen.stdout is not None and self.popen.stderr is not None
@@ -183,6 +187,7 @@ class Child:
         self.close_stdin()
         self.stdout.join()
         self.stderr.join()
+        self._state.cleanup()
         return self.popen.returncode
 
 

@@ -373,7 +373,7 @@ def test_notifications_are_queues_unless_configured_otherwise(tmp_path):
         (
             '[[queue]]\nprefix = "a"\nttl = 5\n',
             "router.toml:3: queue[0].ttl: unknown field; the fields allowed here are prefix, pattern,"
-            " max_depth, max_bytes, max_deliveries, dead_letter",
+            " max_depth, max_bytes, max_deliveries, dead_letter, broker, broker_prefix",
         ),
         (
             '[store]\nenabled = "yes"\n',
@@ -392,4 +392,69 @@ def test_notifications_are_queues_unless_configured_otherwise(tmp_path):
     ],
 )
 def test_queue_and_store_tables_are_checked(tmp_path, text, message):
+    assert load_error(tmp_path, text) == message
+
+
+# -- queues served by an external broker (issue 6) ----------------------------------------------------------
+
+BROKER = '[[connector]]\nrole = "broker"\nname = "rabbit"\nhost = "127.0.0.1"\nport = 5672\n'
+
+
+def test_a_broker_serves_the_queues_of_the_rules_naming_it(tmp_path):
+    config = load_config(
+        write(
+            tmp_path,
+            BROKER
+            + """
+            [[queue]]
+            prefix = "openstack.org/om/notify"
+            broker = "rabbit"
+
+            [[queue]]
+            prefix = "jobs"
+            broker = "rabbit"
+            broker_prefix = "/amq/queue/"
+            """,
+        )
+    )
+    rules = config.queue_rules()
+    notify = rules.lookup("openstack.org/om/notify/anycast/nova/notifications.info")
+    jobs = rules.lookup("jobs/a")
+    assert notify is not None and jobs is not None
+    brokered = config.brokered_queues()
+    assert brokered.keys() == {notify, jobs}
+    assert notify not in config.queue_limits(), "the store does not serve a broker's rules"
+    # '/' in a queue's name is %2F for RabbitMQ; '.' stays.
+    assert (
+        brokered[notify].broker_address("openstack.org/om/notify/anycast/nova/notifications.info")
+        == "/queue/openstack.org%2Fom%2Fnotify%2Fanycast%2Fnova%2Fnotifications.info"
+    )
+    assert brokered[jobs].broker_address("jobs/a") == "/amq/queue/jobs%2Fa"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[[connector]]\nrole = "broker"\nhost = "127.0.0.1"\nport = 5672\n',
+            "router.toml:1: connector[0]: a broker needs a name (for the [[queue]] tables it serves);"
+            ' add name = "..."',
+        ),
+        (
+            BROKER + BROKER,
+            "router.toml:8: connector[1].name: 'rabbit' names another connector; give each its own",
+        ),
+        (
+            BROKER + '[[queue]]\nprefix = "jobs"\nbroker = "rabit"\n',
+            "router.toml:8: queue[0].broker: 'rabit' is not the name of a [[connector]] with"
+            " role = \"broker\" (brokers here: 'rabbit'); add one, or correct the name",
+        ),
+        (
+            '[[queue]]\nprefix = "jobs"\nbroker_prefix = "/queue/"\n',
+            "router.toml:1: queue[0]: broker_prefix is for queues served by a broker;"
+            ' add broker = "<connector name>"',
+        ),
+    ],
+)
+def test_broker_tables_are_checked(tmp_path, text, message):
     assert load_error(tmp_path, text) == message

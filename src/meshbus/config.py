@@ -100,16 +100,24 @@ class ListenerConfig(_Table):
 
 
 class ConnectorConfig(_Table):
-    """One [[connector]] table: a connection the router keeps open to another router, reconnecting with
-    back-off while it cannot."""
+    """One [[connector]] table: a connection the router keeps open to another router (role inter-router) or
+    to an external AMQP 1.0 broker serving queues (role broker, named by [[queue]] tables), reconnecting
+    with back-off while it cannot."""
 
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
-    role: Literal["inter-router"] = "inter-router"
+    role: Literal["inter-router", "broker"] = "inter-router"
+    name: str | None = Field(default=None, min_length=1)  # a broker's, for [[queue]] tables and logs
     cost: int = Field(default=1, ge=1, le=1 << 24)
     idle_timeout: float = Field(default=16.0, ge=0)
     max_frame_size: int = Field(default=65536, ge=512, le=2**32 - 1)
     link_capacity: int = Field(default=1000, ge=1)
+
+    @model_validator(mode="after")
+    def _broker_named(self) -> ConnectorConfig:
+        if self.role == "broker" and self.name is None:
+            raise ValueError('a broker needs a name (for the [[queue]] tables it serves); add name = "..."')
+        return self
 
 
 _MESH_DEFAULTS = MeshConfig()
@@ -161,6 +169,7 @@ class StoreSettings(_Table):
 
 
 _QUEUE_DEFAULTS = QueueLimits()
+DEFAULT_BROKER_PREFIX = "/queue/"  # RabbitMQ's AMQP 1.0 plugin: /queue/NAME is queue NAME
 
 
 class QueueConfig(_Table):
@@ -172,14 +181,26 @@ class QueueConfig(_Table):
     max_bytes: int = Field(default=_QUEUE_DEFAULTS.max_bytes, ge=1)  # payload bytes
     max_deliveries: int = Field(default=_QUEUE_DEFAULTS.max_deliveries, ge=0)  # 0: no limit
     dead_letter: str | None = Field(default=None, min_length=1)  # an address of a queue; none: dropped
+    broker: str | None = Field(default=None, min_length=1)  # the name of the broker serving these queues
+    # The broker's address of queue X: this prefix, then X with each '/' written %2F (RabbitMQ's AMQP 1.0
+    # plugin reads '/' as a separator of its own and %2F as a '/' in the queue's name).
+    broker_prefix: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _one_of_prefix_and_pattern(self) -> QueueConfig:
         self.rule()
+        if self.broker_prefix is not None and self.broker is None:
+            raise ValueError(
+                'broker_prefix is for queues served by a broker; add broker = "<connector name>"'
+            )
         return self
 
     def rule(self) -> QueueRule:
         return QueueRule(prefix=self.prefix, pattern=self.pattern)
+
+    def broker_address(self, address: str) -> str:
+        """The address on its broker of this rule's queue `address`."""
+        return (self.broker_prefix or DEFAULT_BROKER_PREFIX) + address.replace("/", "%2F")
 
     def limits(self) -> QueueLimits:
         return QueueLimits(
@@ -228,6 +249,39 @@ class RouterConfig(_Table):
                 )
         return errors
 
+    def broker_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """(field, what is wrong) for each broker name given twice and each [[queue]] table naming a broker
+        that is not a connector of this file."""
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        brokers: set[str] = set()
+        for index, connector in enumerate(self.connector):
+            if connector.name is None:
+                continue
+            if connector.name in brokers:
+                errors.append(
+                    (
+                        ("connector", index, "name"),
+                        f"{connector.name!r} names another connector; give each its own",
+                    )
+                )
+            brokers.add(connector.name)
+        names = {c.name for c in self.connector if c.role == "broker"}
+        for index, queue in enumerate(self.queue):
+            if queue.broker is not None and queue.broker not in names:
+                known = ", ".join(sorted(repr(name) for name in names)) or "none"
+                errors.append(
+                    (
+                        ("queue", index, "broker"),
+                        f'{queue.broker!r} is not the name of a [[connector]] with role = "broker" (brokers '
+                        f"here: {known}); add one, or correct the name",
+                    )
+                )
+        return errors
+
+    def brokered_queues(self) -> dict[QueueRule, QueueConfig]:
+        """The queue rules served by a broker, with their tables (a later table of a rule wins)."""
+        return {queue.rule(): queue for queue in self.queue if queue.broker is not None}
+
     def distribution_rules(self) -> DistributionRules:
         """The built-in rules followed by the configured ones (which win ties)."""
         return DistributionRules([*DEFAULT_RULES, *(address.rule() for address in self.address)])
@@ -237,9 +291,12 @@ class RouterConfig(_Table):
         return QueueRules([*DEFAULT_QUEUE_RULES, *(queue.rule() for queue in self.queue)])
 
     def queue_limits(self) -> dict[QueueRule, QueueLimits]:
-        """Each queue rule's limits (a configured rule equal to a built-in one sets its limits)."""
+        """The limits of each queue rule the embedded store serves (a configured rule equal to a built-in one
+        sets its limits): every rule but those served by a broker, whose limits are the broker's."""
         limits = dict.fromkeys(DEFAULT_QUEUE_RULES, _QUEUE_DEFAULTS)
         limits.update((queue.rule(), queue.limits()) for queue in self.queue)
+        for rule in self.brokered_queues():
+            del limits[rule]
         return limits
 
     def store_path(self) -> Path:
@@ -285,6 +342,10 @@ def load_config(path: Path) -> RouterConfig:
         raise ConfigError(
             "\n".join(f"{path}:{line}: queue[{index}].dead_letter: {error}" for index, line, error in found)
         )
+    broker_errors = config.broker_errors()
+    if broker_errors:
+        lines = text.splitlines()
+        raise ConfigError("\n".join(_describe_field(path, lines, loc, error) for loc, error in broker_errors))
     if config.router.users_file is not None:
         config.router.users_file = (path.parent / config.router.users_file).resolve()
     if config.store.path is not None:
@@ -303,9 +364,7 @@ def _syntax_error(path: Path, exc: tomllib.TOMLDecodeError) -> str:
 
 def _describe(path: Path, lines: list[str], error: ErrorDetails) -> str:
     loc: tuple[str | int, ...] = error["loc"]
-    field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
-    line = _find_line(lines, loc)
-    where = f"{path}:{line}" if line is not None else str(path)
+    where, field = _where(path, lines, loc)
     if error["type"] == "extra_forbidden":
         allowed = ", ".join(_model_at(loc[:-1]).model_fields)
         return f"{where}: {field}: unknown field; the fields allowed here are {allowed}"
@@ -314,6 +373,18 @@ def _describe(path: Path, lines: list[str], error: ErrorDetails) -> str:
     if isinstance(error["input"], dict):  # a whole table: its contents would be noise
         return f"{where}: {field}: {error['msg']}"
     return f"{where}: {field}: {error['msg']} (got {json.dumps(error['input'], default=str)})"
+
+
+def _describe_field(path: Path, lines: list[str], loc: tuple[str | int, ...], error: str) -> str:
+    where, field = _where(path, lines, loc)
+    return f"{where}: {field}: {error}"
+
+
+def _where(path: Path, lines: list[str], loc: tuple[str | int, ...]) -> tuple[str, str]:
+    """`file:line` (the line where found) and the dotted name of a field."""
+    field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    line = _find_line(lines, loc)
+    return (f"{path}:{line}" if line is not None else str(path)), field
 
 
 def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel]:

@@ -137,6 +137,7 @@ from meshbus.router.core import (
 from meshbus.users import UserDatabase
 
 if TYPE_CHECKING:
+    from meshbus.amqp.broker import BrokerHost
     from meshbus.amqp.interrouter import MeshEdge
 
 # Final names: compiled (mypyc) code reads them from C statics, not from a dictionary per call.
@@ -185,6 +186,7 @@ class Engine:
         self.users = users
         self.executor = executor
         self.mesh: MeshEdge | None = None  # set when the router has inter-router listeners or connectors
+        self.broker: BrokerHost | None = None  # the links to brokers (outgoing connections not to routers)
         self.connections: set[AmqpConnection] = set()
         self.by_connection: dict[CData, AmqpConnection] = {}
         self.links: dict[CData, ProducerLink | ConsumerLink] = {}
@@ -352,6 +354,8 @@ class Engine:
             self.mesh.connection_lost(conn)
         for link in list(conn.links):
             self._forget_link(link)
+        if conn.outgoing and not conn.inter_router and self.broker is not None:
+            self.broker.connection_lost(conn)
         self.by_connection.pop(conn.connection, None)
         log.info(
             "connection closed: peer=%s container=%s reason=%s",
@@ -452,6 +456,8 @@ class Engine:
         log.info("connection opened: peer=%s container=%s user=%s", conn.peer, conn.container, conn.user)
         if conn.inter_router and self.mesh is not None:
             self.mesh.connection_opened(conn)
+        elif conn.outgoing and self.broker is not None:
+            self.broker.connection_opened(conn)
         self.mark(conn)
 
     def _on_connection_close(self, event: CData) -> None:
@@ -474,6 +480,8 @@ class Engine:
         if conn is not None:
             for handle in [h for h in conn.links if pn_link_session(h) == session]:
                 self._forget_link(handle)
+            if conn.outgoing and not conn.inter_router and self.broker is not None:
+                self.broker.session_closed(conn, session)
         pn_session_close(session)
 
     def _on_transport_error(self, event: CData) -> None:
@@ -498,6 +506,10 @@ class Engine:
             return
         if conn.inter_router and self.mesh is not None:
             self.mesh.link_opened(conn, handle)
+            self.mark(conn)
+            return
+        if conn.outgoing and self.broker is not None:  # a broker answering the attach of a link of ours
+            self.broker.link_opened(conn, handle)
             self.mark(conn)
             return
         try:
@@ -566,10 +578,12 @@ class Engine:
 
     def _on_link_close(self, event: CData) -> None:
         handle = pn_event_link(event)
+        conn = self.by_connection.get(pn_session_connection(pn_link_session(handle)))
+        if conn is not None and conn.outgoing and not conn.inter_router and self.broker is not None:
+            self.broker.link_closed(conn, handle)
         self._forget_link(handle)
         pn_link_close(handle)
         pn_link_free(handle)  # churning links (one per request, as old drivers do) must not accumulate
-        conn = self.by_connection.get(pn_session_connection(pn_link_session(handle)))
         if conn is not None:
             self.mark(conn)
 
@@ -681,29 +695,18 @@ class Engine:
                 return
             if via is not None:
                 to = via
+        stream = None
         if partial:
             stream = self.streams.get(delivery) or _Stream(len(payload))
             stream.buffer = None
-            self.streams[delivery] = stream
-            stream.delivery = self.core.deliver(
-                link,
-                delivery,
-                bytearray(payload),
-                complete=False,
-                settled=settled,
-                to=to,
-                deadline=deadline,
-                now=now,
-                ingress=ingress,
-                trace=trace,
-            )
-            return
-        pn_link_advance(handle)
-        self.core.deliver(
+            self.streams[delivery] = stream  # before routing: copies started now are its outputs
+        else:
+            pn_link_advance(handle)  # before routing: settling it (no consumer) must not advance the link
+        routed = self.core.deliver(
             link,
             delivery,
-            payload,
-            complete=True,
+            bytearray(payload) if partial else payload,
+            complete=not partial,
             settled=settled,
             to=to,
             deadline=deadline,
@@ -711,7 +714,9 @@ class Engine:
             ingress=ingress,
             trace=trace,
         )
-        if settled:
+        if stream is not None:
+            stream.delivery = routed
+        elif settled:
             pn_delivery_settle(delivery)
 
     def _continue(self, delivery: CData, handle: CData) -> None:

@@ -292,15 +292,17 @@ def _remote_open(link: CData) -> bool:
 
 
 class Connector:
-    """Keeps a connection open to another router, reconnecting with back-off while it cannot."""
+    """Keeps a connection open to another router or to a broker (meshbus.amqp.broker), reconnecting with
+    back-off while it cannot."""
 
     def __init__(self, engine: Engine, config: ConnectorConfig) -> None:
         self.engine = engine
         self.config = config
+        self.broker = config.role == "broker"
         self.settings = ListenerConfig(
             host=config.host,
             port=config.port,
-            role=config.role,
+            role="inter-router" if config.role == "inter-router" else "normal",  # a broker: as a client
             cost=config.cost,
             idle_timeout=config.idle_timeout,
             max_frame_size=config.max_frame_size,
@@ -317,8 +319,10 @@ class Connector:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        where = f"{self.config.host}:{self.config.port}"
+        address = f"{self.config.host}:{self.config.port}"
+        where = f"broker {self.config.name} at {address}" if self.broker else f"connector to {address}"
         delay = RECONNECT_FIRST
+        told = False  # an unreachable broker was logged at warning since it was last reached
         while True:
             lost = loop.create_future()
 
@@ -333,12 +337,20 @@ class Connector:
                     self.config.port,
                 )
             except OSError as error:
-                log.debug("connector to %s: %s; retrying in %.2f s", where, error.strerror or error, delay)
+                # An unreachable broker leaves its queues unserved: the operator is told once per outage.
+                level = logging.WARNING if self.broker and not told else logging.DEBUG
+                told = told or self.broker
+                log.log(level, "%s: %s; retrying in %.2f s", where, error.strerror or error, delay)
             else:
-                log.info("connector to %s: connected", where)
+                told = False
+                log.info("%s: connected", where)
                 started = loop.time()
                 await lost
-                log.info("connector to %s: connection lost; reconnecting", where)
+                log.log(
+                    logging.WARNING if self.broker else logging.INFO,
+                    "%s: connection lost; reconnecting",
+                    where,
+                )
                 if loop.time() - started > RECONNECT_MAX:
                     delay = RECONNECT_FIRST
             await asyncio.sleep(delay * random.uniform(0.75, 1.25))

@@ -1,8 +1,8 @@
 """The router process: listeners, the timer, signals, start and orderly shutdown.
 
 Rules of this module:
-1. It wires config -> Engine (and the embedded store, storehost.py) -> asyncio servers; the protocol lives
-   in engine.py and connection.py.
+1. It wires config -> Engine (and the embedded store, storehost.py, and the brokers, broker.py) -> asyncio
+   servers; the protocol lives in engine.py and connection.py.
 2. SIGTERM and SIGINT close every connection with a Close frame, then the process exits 0.
 """
 
@@ -16,11 +16,13 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
+from meshbus.amqp.broker import BrokerHost
 from meshbus.amqp.connection import AmqpConnection
 from meshbus.amqp.engine import Engine
 from meshbus.amqp.interrouter import Connector, MeshEdge
 from meshbus.amqp.storehost import StoreHost
 from meshbus.config import ListenerConfig, RouterConfig
+from meshbus.router.core import QueueHost, QueueHosts
 from meshbus.users import UserDatabase
 
 log = logging.getLogger("meshbus.router")
@@ -61,8 +63,13 @@ async def serve(config: RouterConfig) -> int:
         )
         engine.mesh = MeshEdge(engine, config.router.id, config.mesh.protocol())
         store = StoreHost.open(config, engine.core) if config.store.enabled else None
+        brokers = BrokerHost(engine, config)
+        brokers.start()
+        # The brokers serve the rules naming them; the store every other rule.
+        hosts: list[QueueHost] = [brokers] if store is None else [brokers, store.endpoint]
+        engine.core.queue_host = QueueHosts(config.queue_rules(), hosts)
         servers = [await _listen(loop, engine, listener) for listener in config.listener]
-        connectors = [Connector(engine, connector) for connector in config.connector]
+        connectors = [Connector(engine, c) for c in config.connector if c.role == "inter-router"]
         for connector in connectors:
             connector.start()
         stop = asyncio.Event()
@@ -75,6 +82,7 @@ async def serve(config: RouterConfig) -> int:
         ticker.cancel()
         for connector in connectors:
             connector.stop()
+        brokers.stop()
         engine.mesh.close()
         for server in servers:
             server.close()

@@ -28,7 +28,8 @@ Rules of this module:
    credit back), and an unsettled delivery that entered the mesh here occupies its producer's credit until
    its outcome comes back. Memory anywhere in the mesh is so bounded by the producers' capacities.
 8. Queues (issue 6): the queue rules say which addresses are durable queues. On a router hosting a store
-   for the rule (`queue_host`), the store's endpoint consumes from a queue address X through a link of its
+   for the rule (`queue_host`: its store, or an external broker, or both as `QueueHosts`, each serving its
+   own rules), the store's endpoint consumes from a queue address X through a link of its
    own, attached when X's entry is created, so producers' deliveries take the normal path to the store.
    Elsewhere X's remote routers are those advertising `_store/<rule key>` (the stores of the mesh). A
    client's receiving link on X with pool P joins the internal address `_queue/<P>/X` (see
@@ -147,6 +148,27 @@ class QueueHost(Protocol):
 
     def serve(self, address: str) -> None:
         """The queue address just got its entry here: attach the store's consumer on it."""
+
+
+class QueueHosts:
+    """The queue hosts of one router (its store, its brokers) as one: each rule is served by the first host
+    that hosts it."""
+
+    def __init__(self, rules: QueueRules, hosts: list[QueueHost]) -> None:
+        self._rules = rules
+        self._hosts = hosts
+
+    def _host(self, rule: QueueRule) -> QueueHost | None:
+        return next((host for host in self._hosts if host.hosts(rule)), None)
+
+    def hosts(self, rule: QueueRule) -> bool:
+        return self._host(rule) is not None
+
+    def serve(self, address: str) -> None:
+        rule = self._rules.lookup(address)
+        host = None if rule is None else self._host(rule)
+        assert host is not None, f"no queue host serves {address!r}"
+        host.serve(address)
 
 
 class Watcher(Protocol):
@@ -453,11 +475,12 @@ class RouterCore:
             ConsumerLink(handle, entry.address, entry, edge or self._edge, owner, settle_on_send, pool)
         )
 
-    def attach_store(self, handle: Handle, address: str, edge: Edge) -> ConsumerLink:
+    def attach_store(self, handle: Handle, address: str, edge: Edge, owner: Any = None) -> ConsumerLink:
         """The store's own receiving link on a queue address (or on `_store/<rule key>`): on the address
-        itself, where a client's link on a queue address joins its pool's internal address."""
+        itself, where a client's link on a queue address joins its pool's internal address. (A broker's
+        link is one too, on the broker's connection: `owner`.)"""
         entry = self._entry(address)
-        return self._add_consumer(ConsumerLink(handle, entry.address, entry, edge))
+        return self._add_consumer(ConsumerLink(handle, entry.address, entry, edge, owner))
 
     def _add_consumer(self, link: ConsumerLink) -> ConsumerLink:
         entry = link.entry

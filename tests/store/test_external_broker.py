@@ -1,5 +1,7 @@
 """The external broker that can serve a queue address (issue 6): what RabbitMQ's AMQP 1.0 plugin does for
-the router, pinned with python-qpid-proton clients behaving as the router's links to it will.
+the router, pinned with python-qpid-proton clients behaving as the router's links to it will; then queue
+addresses served by it through real routers (meshbus.amqp.broker), some through a `Relay` the test can
+hold or cut between the router and the broker.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from proton import Condition, Disposition, Event, Link, Message, Terminus
+from proton import Condition, Delivery, Disposition, Event, Link, Message, Terminus, Timeout
 from proton.reactor import LinkOption
 from proton.utils import BlockingConnection, SendException
 
@@ -249,6 +251,26 @@ def test_links_to_the_broker_are_attached_again_after_a_connection_loss(
     assert all(body.startswith("message-0-") for body in again), again
 
 
+def test_a_message_is_accepted_only_once_the_broker_accepted_it(rabbitmq_amqp: Broker, router: Start) -> None:
+    with Relay(rabbitmq_amqp.host, rabbitmq_amqp.port) as relay:
+        served = router(broker_config("127.0.0.1", relay.port))
+        assert served.wait_for_log(BROKER_OPEN, WAIT) is not None
+        connection = BlockingConnection(served.url, timeout=WAIT)
+        try:
+            sender = connection.create_sender(queue_address())
+            sender.send(Message(body="first", durable=True))  # the link to the broker is up, with credit
+            relay.hold()  # nothing the broker says reaches the router
+            delivery = sender.link.send(Message(body="second", durable=True))
+            assert isinstance(delivery, Delivery)
+            with pytest.raises(Timeout):
+                connection.wait(lambda: delivery.settled, timeout=0.5)
+            relay.release()
+            connection.wait(lambda: delivery.settled, timeout=WAIT)
+        finally:
+            connection.close()
+    assert delivery.remote_state == Disposition.ACCEPTED
+
+
 class Relay:
     """A TCP relay on 127.0.0.1 to the broker, whose connections the test can cut."""
 
@@ -257,6 +279,8 @@ class Relay:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.server.getsockname()[1])
         self.sockets: list[socket.socket] = []
+        self.flowing = threading.Event()  # cleared: what the broker sends waits in the relay
+        self.flowing.set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -271,8 +295,14 @@ class Relay:
                     socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
                 )  # the router's latency, not Nagle's
             self.sockets += [near, far]
-            for source, sink in ((near, far), (far, near)):
-                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+            for source, sink, gate in ((near, far, None), (far, near, self.flowing)):
+                threading.Thread(target=_pump, args=(source, sink, gate), daemon=True).start()
+
+    def hold(self) -> None:
+        self.flowing.clear()
+
+    def release(self) -> None:
+        self.flowing.set()
 
     def cut(self) -> None:
         for sock in self.sockets:
@@ -288,9 +318,11 @@ class Relay:
         self.cut()
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
+def _pump(source: socket.socket, sink: socket.socket, gate: threading.Event | None) -> None:
     with contextlib.suppress(OSError):
         while data := source.recv(65536):
+            if gate is not None:
+                gate.wait()
             sink.sendall(data)
     with contextlib.suppress(OSError):
         sink.shutdown(socket.SHUT_RDWR)

@@ -24,6 +24,7 @@ from proton.utils import BlockingConnection, SendException
 from tests.conftest import Config, Router
 from tests.integration.clients import Client, run, the
 from tests.integration.test_pools import InPool
+from tests.mesh_routers.conftest import INTER_ROUTER_LISTENER, TIMERS
 
 if TYPE_CHECKING:
     from tests.broker import Broker
@@ -249,6 +250,41 @@ def test_links_to_the_broker_are_attached_again_after_a_connection_loss(
             producing.close()
     again = [body for body, times in Counter(received).items() if times > 1]
     assert all(body.startswith("message-0-") for body in again), again
+
+
+def test_a_router_of_the_mesh_without_the_broker_reaches_its_queues(
+    rabbitmq_amqp: Broker, router: Start
+) -> None:
+    # B serves jobs/ through the broker; A has the rule, no store, no broker: it routes jobs/ to B.
+    b = router(
+        {
+            **broker_config(rabbitmq_amqp.host, rabbitmq_amqp.port),
+            "router": {"id": "B"},
+            "mesh": TIMERS,
+            "listener": [{}, {"role": "inter-router"}],
+        }
+    )
+    found = b.wait_for_log(INTER_ROUTER_LISTENER, WAIT)
+    assert found is not None and b.wait_for_log(BROKER_OPEN, WAIT)
+    a = router(
+        {
+            "router": {"id": "A"},
+            "mesh": TIMERS,
+            "store": {"enabled": False},
+            "queue": [{"prefix": "jobs"}],
+            "connector": [{"host": found.group(1), "port": int(found.group(2)), "role": "inter-router"}],
+        }
+    )
+    address = queue_address()
+    connection = BlockingConnection(a.url, timeout=WAIT)
+    try:
+        sender = connection.create_sender(address)  # credit once A knows B serves jobs/
+        for n in range(COUNT):
+            sender.send(Message(body=f"message-{n}", durable=True))
+    finally:
+        connection.close()
+    bodies = [m.body for m in receive(a.url, address, COUNT)]
+    assert Counter(bodies) == Counter(f"message-{n}" for n in range(COUNT))
 
 
 def test_a_message_is_accepted_only_once_the_broker_accepted_it(rabbitmq_amqp: Broker, router: Start) -> None:

@@ -450,6 +450,11 @@ def test_a_broker_serves_the_queues_of_the_rules_naming_it(tmp_path):
             " role = \"broker\" (brokers here: 'rabbit'); add one, or correct the name",
         ),
         (
+            BROKER + '[[queue]]\nprefix = "jobs"\nbroker = "rabbit"\nmax_depth = 5\ndead_letter = "d"\n',
+            "router.toml:6: queue[0]: dead_letter, max_depth: limits of the embedded store, which does not"
+            " keep a broker's queues (the broker's own policies apply); remove them here",
+        ),
+        (
             '[[queue]]\nprefix = "jobs"\nbroker_prefix = "/queue/"\n',
             "router.toml:1: queue[0]: broker_prefix is for queues served by a broker;"
             ' add broker = "<connector name>"',

@@ -169,6 +169,7 @@ class StoreSettings(_Table):
 
 
 _QUEUE_DEFAULTS = QueueLimits()
+_STORE_ONLY = frozenset({"max_depth", "max_bytes", "max_deliveries", "dead_letter"})  # [[queue]] fields
 DEFAULT_BROKER_PREFIX = "/queue/"  # RabbitMQ's AMQP 1.0 plugin: /queue/NAME is queue NAME
 
 
@@ -189,6 +190,12 @@ class QueueConfig(_Table):
     @model_validator(mode="after")
     def _one_of_prefix_and_pattern(self) -> QueueConfig:
         self.rule()
+        store_only = sorted(_STORE_ONLY & self.model_fields_set)
+        if self.broker is not None and store_only:
+            raise ValueError(
+                f"{', '.join(store_only)}: limits of the embedded store, which does not keep a broker's "
+                "queues (the broker's own policies apply); remove them here"
+            )
         if self.broker_prefix is not None and self.broker is None:
             raise ValueError(
                 'broker_prefix is for queues served by a broker; add broker = "<connector name>"'

@@ -203,20 +203,28 @@ def test_pools_of_a_broker_queue_share_its_messages(rabbitmq_amqp: Broker, route
     assert served.wait_for_log(r"pool 'a' of queue '.*' shares the messages of broker rabbit", WAIT)
 
 
-def test_nothing_is_accepted_while_the_broker_is_unreachable(router: Start) -> None:
+def test_nothing_is_accepted_while_the_broker_is_unreachable_and_all_once_it_is_up(
+    rabbitmq_amqp: Broker, router: Start
+) -> None:
     port = free_port()
     unreachable = router(broker_config("127.0.0.1", port))
     assert unreachable.wait_for_log(rf"broker rabbit at 127.0.0.1:{port}: .*; retrying", WAIT)
+    address = queue_address()
     connection = BlockingConnection(unreachable.url, timeout=WAIT)
     try:
         # A link to the queue gets no credit while the broker is away; the anonymous relay's message is
         # given back, not accepted by a router that cannot keep it.
         sender = connection.create_sender(None)
         with pytest.raises(SendException) as refused:
-            sender.send(Message(address=queue_address(), body="kept nowhere", durable=True))
+            sender.send(Message(address=address, body="kept nowhere", durable=True))
+        assert refused.value.state == Disposition.RELEASED
+        with Relay(rabbitmq_amqp.host, rabbitmq_amqp.port, port):  # the broker is up at last
+            assert unreachable.wait_for_log(BROKER_OPEN, WAIT)
+            queue = connection.create_sender(address)
+            queue.send(Message(body="kept on the broker", durable=True))
+            assert [m.body for m in receive(unreachable.url, address, 1)] == ["kept on the broker"]
     finally:
         connection.close()
-    assert refused.value.state == Disposition.RELEASED
 
 
 def test_links_to_the_broker_are_attached_again_after_a_connection_loss(
@@ -310,9 +318,9 @@ def test_a_message_is_accepted_only_once_the_broker_accepted_it(rabbitmq_amqp: B
 class Relay:
     """A TCP relay on 127.0.0.1 to the broker, whose connections the test can cut."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, listen: int = 0) -> None:
         self.target = (host, port)
-        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server = socket.create_server(("127.0.0.1", listen))
         self.port = int(self.server.getsockname()[1])
         self.sockets: list[socket.socket] = []
         self.flowing = threading.Event()  # cleared: what the broker sends waits in the relay

@@ -75,8 +75,7 @@ class Broker:
 
     @property
     def where(self) -> str:
-        config = self.connector.config
-        return f"broker {self.name} at {config.host}:{config.port}"
+        return self.connector.where  # broker NAME at HOST:PORT
 
 
 class BrokerHost:

@@ -299,6 +299,8 @@ class Connector:
         self.engine = engine
         self.config = config
         self.broker = config.role == "broker"
+        address = f"{config.host}:{config.port}"
+        self.where = f"broker {config.name} at {address}" if self.broker else f"connector to {address}"
         self.settings = ListenerConfig(
             host=config.host,
             port=config.port,
@@ -319,8 +321,7 @@ class Connector:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        address = f"{self.config.host}:{self.config.port}"
-        where = f"broker {self.config.name} at {address}" if self.broker else f"connector to {address}"
+        where = self.where
         delay = RECONNECT_FIRST
         told = False  # an unreachable broker was logged at warning since it was last reached
         while True:

@@ -149,6 +149,14 @@ def test_a_notification_travels_in_the_oslo_2_0_envelope() -> None:
     assert (incoming.body, incoming.context) == (notification, {"user": "alice"})
 
 
+def test_notifications_are_durable_and_requests_not() -> None:
+    """A broker serving a notification queue keeps durable messages on disk; an RPC request needs no disk."""
+    notification, request = Message(), Message()
+    notification.decode(wire.encode_request("a", {"event_type": "e"}, {}, envelope=True))
+    request.decode(wire.encode_request("a", {"method": "m", "args": {}}, {}))
+    assert (notification.durable, request.durable) == (True, False)
+
+
 @pytest.mark.parametrize(("result", "failure"), [({"a": [1, "b"]}, None), (None, None), (None, "{}")])
 def test_a_reply_round_trips(result: Any, failure: str | None) -> None:
     payload = wire.encode_reply("dynamic/r", "m-7", result=result, failure=failure)

@@ -98,14 +98,15 @@ def encode_request(
     envelope: bool = False,
     call_monitor_timeout: float | None = None,
 ) -> bytes:
-    """A request (call, cast) or a notification (`envelope=True`) to address `to`."""
+    """A request (call, cast) or a notification (`envelope=True`: marked durable, so that a broker serving
+    its queue keeps it on disk) to address `to`."""
     if envelope:
         request = {"oslo.version": _ENVELOPE_VERSION, "oslo.message": _dumps(request)}
     data: dict[str, Any] = {"request": request, "context": context}
     if call_monitor_timeout is not None:
         data["call_monitor_timeout"] = call_monitor_timeout
     body = _dumps(data)
-    return _CODEC.encode(to, body, message_id=message_id, reply_to=reply_to, ttl=ttl)
+    return _CODEC.encode(to, body, message_id=message_id, reply_to=reply_to, ttl=ttl, durable=envelope)
 
 
 def decode_request(payload: bytes) -> Incoming:
@@ -156,10 +157,13 @@ class _Codec(threading.local):
         reply_to: str | None = None,
         correlation_id: str | None = None,
         ttl: float | None = None,
+        durable: bool = False,
     ) -> bytes:
         message = self.message
         lib.pn_message_clear(message)
         lib.pn_message_set_address(message, to.encode())
+        if durable:
+            lib.pn_message_set_durable(message, True)
         if message_id is not None:
             lib.pn_message_set_id(message, _string_id(message_id))
         if reply_to is not None:

@@ -159,19 +159,21 @@ def test_closest_goes_to_the_lowest_cost_router(square: Mesh) -> None:
 def test_multicast_gives_every_consumer_on_every_router_each_message_once(square: Mesh) -> None:
     async def scenario() -> None:
         address = f"test/multicast/{uuid.uuid4().hex}"
-        consumers = {router_id: Consumer(square[router_id], address) for router_id in "ABCD"}
+        # Two consumers on C: the copy that reaches C is given to each.
+        places = {"A": "A", "B": "B", "C": "C", "C2": "C", "D": "D"}
+        consumers = {name: Consumer(square[router_id], address) for name, router_id in places.items()}
         producer = connect(square["A"])
         try:
             await asyncio.gather(*(consumer.ready() for consumer in consumers.values()))
-            await reaches(producer, [consumers[router_id] for router_id in "BCD"])
+            await reaches(producer, [consumers[name] for name in ("B", "C", "C2", "D")])
             bodies = [f"multicast-{n}" for n in range(MESSAGES)]
             outcomes = await asyncio.gather(*(producer.send(address, encode(address, b)) for b in bodies))
             assert [outcome.state for outcome in outcomes] == [ACCEPTED] * MESSAGES
             await producer.send(address, encode(address, END))
-            for router_id, consumer in consumers.items():
-                await consumer.received(END, f"the end marker at {router_id}")
-            for router_id, consumer in consumers.items():
-                assert Counter(consumer.bodies) == Counter([*bodies, END]), f"consumer on {router_id}"
+            for name, consumer in consumers.items():
+                await consumer.received(END, f"the end marker at consumer {name}")
+            for name, consumer in consumers.items():
+                assert Counter(consumer.bodies) == Counter([*bodies, END]), f"consumer {name}"
         finally:
             await close([producer, *(consumer.connection for consumer in consumers.values())])
 

@@ -41,7 +41,7 @@ Config = Mapping[str, Any] | str
 class Router:
     """A router process started by a test; its stderr is collected line by line."""
 
-    def __init__(self, name: str, config_path: Path) -> None:
+    def __init__(self, name: str, config_path: Path, command: str = "router") -> None:
         self.name = name
         self.config_path = config_path
         # The store's default place ($XDG_STATE_HOME/meshbus/<id>.db), one per router name: a router started
@@ -50,7 +50,7 @@ class Router:
         self._lines: list[str] = []
         self._changed = threading.Condition()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "meshbus", "router", "--config", str(config_path)],
+            [sys.executable, "-m", "meshbus", command, "--config", str(config_path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -152,10 +152,11 @@ def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-def start_router(directory: Path, name: str, config: Config) -> Router:
+def start_router(directory: Path, name: str, config: Config, command: str = "router") -> Router:
+    """`meshbus router` (or `command`, e.g. "store") with this configuration."""
     path = directory / f"{name}.toml"
     path.write_text(config if isinstance(config, str) else to_toml(with_defaults(config)))
-    return Router(name, path)
+    return Router(name, path, command)
 
 
 _ROUTERS = pytest.StashKey[list[tuple[Router, int]]]()

@@ -145,3 +145,17 @@ def test_version(capsys):
         main(["--version"])
     assert caught.value.code == 0
     assert capsys.readouterr().out == f"meshbus {__version__}\n"
+
+
+def test_store_listens_only_where_its_config_says_and_needs_a_way_to_the_mesh(tmp_path, started, capsys):
+    path = tmp_path / "store.toml"
+    path.write_text('[router]\nid = "s"\n\n[[connector]]\nhost = "10.0.0.1"\nport = 5673\n')
+    assert main(["store", "--config", str(path)]) == 3
+    (config,) = started
+    assert (config.listener, config.store.enabled) == ([], True)
+    path.write_text('[router]\nid = "s"\n')
+    assert main(["store", "--config", str(path)]) == 1
+    assert "add a [[connector]]" in capsys.readouterr().err
+    path.write_text('[store]\nenabled = false\n\n[[listener]]\nrole = "inter-router"\n')
+    assert main(["store", "--config", str(path)]) == 1
+    assert "[store] enabled is false" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The `meshbus` command: `meshbus router`, `meshbus users add|remove|list`.
+"""The `meshbus` command: `meshbus router`, `meshbus store`, `meshbus users add|remove|list`.
 
 1. This module owns the command line: arguments, logging set-up, exit codes, and the one-line
    `meshbus: error: ...` a user sees instead of a traceback for a mistake they can fix.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import get_args
 
 from meshbus import __version__
-from meshbus.config import ConfigError, ListenerConfig, LogLevel, default_config, load_config
+from meshbus.config import ConfigError, ListenerConfig, LogLevel, RouterConfig, default_config, load_config
 from meshbus.users import UserDatabase, UsersError, add_user, remove_user
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -55,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     router.add_argument("--log-level", choices=get_args(LogLevel), help="overrides [router] log_level")
     router.set_defaults(command=_router)
 
+    store = commands.add_parser(
+        "store",
+        help="run a store: a router that keeps the mesh's durable queues, attached through its connectors",
+        description="A router process whose job is its embedded store: it listens only where its "
+        "configuration says (no default client listener) and reaches the mesh through its [[connector]] "
+        "tables or an inter-router [[listener]]; the mesh routes the queues it stores to it.",
+    )
+    store.add_argument("--config", type=Path, metavar="FILE", required=True, help="TOML configuration file")
+    store.add_argument("--log-level", choices=get_args(LogLevel), help="overrides [router] log_level")
+    store.set_defaults(command=_store)
+
     users = commands.add_parser("users", help="edit a users file for SASL PLAIN")
     users_commands = users.add_subparsers(required=True, metavar="ACTION")
     add = users_commands.add_parser("add", help="add a user or change their password")
@@ -83,8 +94,26 @@ def _router(args: argparse.Namespace) -> int:
     if args.listen:
         listeners = [ListenerConfig(host=host, port=port) for host, port in args.listen]
         config = config.model_copy(update={"listener": listeners})
-    if args.log_level:
-        config.router.log_level = args.log_level
+    return _run(config, args.log_level)
+
+
+def _store(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if "listener" not in config.model_fields_set:  # no client listener unless asked for
+        config = config.model_copy(update={"listener": []})
+    if not config.store.enabled:
+        return _error(f"{args.config}: [store] enabled is false; a store process keeps queues: set it true")
+    if not config.connector and not any(listener.role == "inter-router" for listener in config.listener):
+        return _error(
+            f"{args.config}: a store process reaches the mesh through other routers: add a [[connector]] "
+            'to a router\'s inter-router listener, or a [[listener]] with role = "inter-router"'
+        )
+    return _run(config, args.log_level)
+
+
+def _run(config: RouterConfig, log_level: LogLevel | None) -> int:
+    if log_level:
+        config.router.log_level = log_level
     logging.basicConfig(
         level=logging.getLevelNamesMapping()[config.router.log_level.upper()],
         format=LOG_FORMAT,

@@ -752,7 +752,7 @@ class Engine:
                     del self.streams[delivery]
                 self._route(link, delivery, handle, buffered, partial, to, deadline, now)
             return
-        if routed.queued:
+        if routed.queued or routed.gathering:
             assert isinstance(routed.payload, bytearray)
             routed.payload += chunk
         for consumer, _ in stream.outputs:

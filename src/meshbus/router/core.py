@@ -285,6 +285,7 @@ class Delivery:
     trace: tuple[str, ...] = ()  # the routers it passed before this one
     toward: str | None = None  # the other router a unicast copy was sent to (balanced accounting)
     held: bool = False  # sent on to another router: occupies its producer's credit until settled (rule 7)
+    gathering: bool = False  # an in-process consumer (the store) needs it whole: the edge keeps every frame
 
 
 @dataclass(slots=True)

@@ -69,7 +69,7 @@ class Outlet:
 class _Pending:
     link: ConsumerLink
     delivery: Delivery
-    outcome: Outcome | None = None  # None: a multi-frame delivery, refused once it has all arrived
+    outcome: Outcome | None = None  # None: a multi-frame delivery, stored once it has all arrived
 
 
 @dataclass(slots=True)
@@ -78,7 +78,6 @@ class EndpointCounters:
 
     stored: int = 0
     refused: int = 0  # the queue was full
-    too_large: int = 0  # more than one transfer frame
     failed: int = 0  # the store could not be written
 
     def __str__(self) -> str:
@@ -161,10 +160,20 @@ class StoreEndpoint:
     def send(self, link: ConsumerLink, delivery: Delivery) -> Delivery:
         self._review[link] = None
         if not delivery.complete:
-            # Its later frames reach only the protocol edge's own links: refused once it is complete.
+            # Still arriving: the protocol edge gathers its frames; stored once the last has come.
+            delivery.gathering = True
             self._pending.append(_Pending(link, delivery))
             self.wake()
             return delivery
+        outcome = self._take(link, delivery)
+        if outcome is not None:
+            self._pending.append(_Pending(link, delivery, outcome))
+        self.wake()
+        return delivery
+
+    def _take(self, link: ConsumerLink, delivery: Delivery) -> Outcome | None:
+        """Append a whole delivery to its queue: None once it is in the open batch (accepted when written),
+        else the outcome that refuses it."""
         address = link.address
         try:
             if self.store.append(
@@ -172,21 +181,17 @@ class StoreEndpoint:
             ):
                 self.counters.stored += 1
                 self._full.discard(address)
-                self.wake()
-                return delivery
-            outcome = EXPIRED
+                return None
+            return EXPIRED
         except QueueFull as error:
             self.counters.refused += 1
             if address not in self._full:
                 self._full.add(address)
                 log.warning("%s", error)
-            outcome = rejected(error.condition, str(error))
+            return rejected(error.condition, str(error))
         except EngineFailed as error:
             self.counters.failed += 1
-            outcome = rejected("amqp:internal-error", str(error))
-        self._pending.append(_Pending(link, delivery, outcome))
-        self.wake()
-        return delivery
+            return rejected("amqp:internal-error", str(error))
 
     def drained(self, link: ConsumerLink) -> None:
         pass  # the store's links never ask to drain
@@ -216,11 +221,15 @@ class StoreEndpoint:
         core = self.core
         pending, self._pending = self._pending, []
         for item in pending:
+            delivery = item.delivery
             if item.outcome is not None:
-                core.consumer_outcome(item.link, item.delivery, item.outcome, settled=True)
-            elif item.delivery.complete or item.delivery.aborted:
-                self.counters.too_large += 1
-                core.consumer_outcome(item.link, item.delivery, _too_large(item.link.address), settled=True)
+                core.consumer_outcome(item.link, delivery, item.outcome, settled=True)
+            elif delivery.aborted:  # its producer gave up on it: nothing to store, no outcome to give
+                core.stream_finished(item.link, now, aborted=delivery)
+            elif delivery.complete:  # the last frame came
+                outcome = self._take(item.link, delivery)
+                if outcome is not None:
+                    core.consumer_outcome(item.link, delivery, outcome, settled=True)
                 core.stream_finished(item.link, now)
             else:
                 self._pending.append(item)  # still arriving
@@ -282,11 +291,3 @@ def _intake(token: object) -> tuple[ConsumerLink, Delivery]:
     assert isinstance(token, tuple)
     link, delivery = token
     return link, delivery
-
-
-def _too_large(address: str) -> Outcome:
-    return rejected(
-        "amqp:link:message-size-exceeded",
-        f"queue {address!r} stores messages that arrive in one transfer frame only; send smaller messages "
-        "or raise the max_frame_size of the listener and of the client",
-    )

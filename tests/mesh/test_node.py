@@ -154,6 +154,18 @@ def test_routes_are_published_when_they_change() -> None:
     assert len(recorder.tables) == 1
 
 
+def test_a_lost_neighbour_changes_the_routes_at_once_not_after_the_batch_delay() -> None:
+    node, recorder = node_a()
+    neighbour_b(node, recorder)
+    node.handle("L1", LinkStateUpdate("b", 2, 1, (("a", 1),)), 0.0)
+    node.tick(CONFIG.batch_delay)
+    assert node.table.routes == {"b": Route(1, ("b",))}
+    node.link_down("L1", 1.0)
+    assert node.next_tick() <= 1.0  # due now, not at 1.0 + batch_delay
+    node.tick(1.0)
+    assert node.table.routes == {}
+
+
 def test_a_gap_in_address_updates_asks_the_neighbour_that_sent_it() -> None:
     node, recorder = node_a()
     neighbour_b(node, recorder)

@@ -126,9 +126,10 @@ class Router:
         now: float = NOW,
         ingress: str | None = None,
         trace: tuple[str, ...] = (),
+        dest: str | None = None,
     ) -> Delivery:
-        """The producer sends a delivery (spending a credit if it has one); `ingress` and `trace`: it comes
-        from another router."""
+        """The producer sends a delivery (spending a credit if it has one); `ingress`, `trace` and `dest`: it
+        comes from another router."""
         credit = self.edge.producer_credit
         credit[link] = max(credit.get(link, 0) - 1, 0)
         return self.core.deliver(
@@ -142,6 +143,7 @@ class Router:
             now=now,
             ingress=ingress,
             trace=trace,
+            dest=dest,
         )
 
     def settle(self, link: ConsumerLink, delivery: Delivery, outcome: Outcome = ACCEPTED) -> None:

@@ -491,3 +491,22 @@ def test_local_pools_each_get_a_copy_and_the_consumers_elsewhere_one_more(a, add
     receivers = a.edge.receivers(delivery)
     assert receivers[:2] == [first, second]
     assert receivers[2:] in ([link_to(a, "B")], [link_to(a, "C")])
+
+
+def test_a_delivery_toward_another_router_follows_the_routes_without_knowing_its_address(a):
+    """A router that just joined forwards what the ingress sent toward another router, address unknown."""
+    delivery = a.send(from_mesh(a), to="not/known/here", ingress="F", trace=("F",), dest="E")
+    assert a.edge.receivers(delivery) == [link_to(a, "C")]  # E is reached through C
+    assert delivery.dest == "E"
+
+
+def test_a_delivery_toward_an_unreachable_router_is_routed_by_its_address(a):
+    consumer = a.consumer("work", credit=5)
+    delivery = a.send(from_mesh(a), to="work", ingress="F", trace=("F",), dest="Z")
+    assert a.edge.receivers(delivery) == [consumer]
+
+
+def test_the_ingress_names_the_router_it_chose(a):
+    a.core.remote_changed("near/x", frozenset({"E"}))
+    delivery = a.send(a.producer("near/x"))
+    assert (a.edge.receivers(delivery), delivery.dest) == ([link_to(a, "C")], "E")

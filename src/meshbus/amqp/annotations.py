@@ -2,8 +2,10 @@
 
 Rules of this module:
 1. Between routers a message carries, in its message-annotations section, `x-opt-meshbus.ingress` (the
-   router where it entered the mesh), `x-opt-meshbus.trace` (the routers it passed, in order) and
-   `x-opt-meshbus.to` (the address it is routed by: its producer's link's target, or else its `to`).
+   router where it entered the mesh), `x-opt-meshbus.trace` (the routers it passed, in order),
+   `x-opt-meshbus.to` (the address it is routed by: its producer's link's target, or else its `to`) and,
+   when the router where it entered chose one router for it, `x-opt-meshbus.dest` (that router: the
+   routers on the way forward it by their routes alone, even before they have learnt its address).
    `stamp` sets them before a message goes to another router; `take` gets them back on arrival and removes
    them, so that a client sees the message as its producer sent it (other annotations kept).
 2. proton encodes and decodes the section; this module only splices sections, found by peek.annotations_span.
@@ -23,12 +25,13 @@ from meshbus.amqp.peek import annotations_span
 INGRESS: Final = symbol("x-opt-meshbus.ingress")
 TRACE: Final = symbol("x-opt-meshbus.trace")
 TO: Final = symbol("x-opt-meshbus.to")
+DEST: Final = symbol("x-opt-meshbus.dest")
 _MESSAGE_ANNOTATIONS: Final = 0x72
 _CACHE_SIZE: Final = 4096
 
 # (ingress, trace, to) as read from a message; all empty for a message that does not carry them.
-MeshFields = tuple[str | None, tuple[str, ...], str | None]
-_NONE: Final[MeshFields] = (None, (), None)
+MeshFields = tuple[str | None, tuple[str, ...], str | None, str | None]
+_NONE: Final[MeshFields] = (None, (), None, None)
 
 
 class AnnotationError(ValueError):
@@ -45,10 +48,12 @@ def take(payload: bytes | bytearray) -> tuple[MeshFields, bytes | bytearray]:
     return fields, b"".join((payload[:start], rest, payload[end:]))
 
 
-def stamp(payload: bytes | bytearray, ingress: str, trace: tuple[str, ...], to: str | None) -> bytes:
+def stamp(
+    payload: bytes | bytearray, ingress: str, trace: tuple[str, ...], to: str | None, dest: str | None
+) -> bytes:
     """The message with the mesh's fields set to these, for sending to another router."""
     start, end = _span(payload)
-    section = _stamped(bytes(payload[start:end]), ingress, trace, to)
+    section = _stamped(bytes(payload[start:end]), ingress, trace, to, dest)
     return b"".join((payload[:start], section, payload[end:]))
 
 
@@ -105,30 +110,33 @@ def _encode(annotations: dict[Any, Any]) -> bytes:
 def _taken(section: bytes) -> tuple[MeshFields, bytes]:
     """The mesh's fields in a message-annotations section, and the section without them (maybe none)."""
     annotations = _decode(section)
-    ingress, trace, to = (
-        annotations.pop(INGRESS, None),
-        annotations.pop(TRACE, None),
-        annotations.pop(TO, None),
-    )
+    ingress, trace, to, dest = (annotations.pop(key, None) for key in (INGRESS, TRACE, TO, DEST))
     if ingress is not None and not isinstance(ingress, str):
         raise AnnotationError(f"{INGRESS} is not a string")
     if trace is None:
         trace = []
     if not isinstance(trace, list) or not all(isinstance(hop, str) for hop in trace):
         raise AnnotationError(f"{TRACE} is not a list of strings")
-    if to is not None and not isinstance(to, str):
-        raise AnnotationError(f"{TO} is not a string")
-    fields = (None if ingress is None else str(ingress)), tuple(str(hop) for hop in trace), to and str(to)
+    for key, value in ((TO, to), (DEST, dest)):
+        if value is not None and not isinstance(value, str):
+            raise AnnotationError(f"{key} is not a string")
+    fields = (
+        None if ingress is None else str(ingress),
+        tuple(str(hop) for hop in trace),
+        to and str(to),
+        dest and str(dest),
+    )
     return fields, _encode(annotations)
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def _stamped(section: bytes, ingress: str, trace: tuple[str, ...], to: str | None) -> bytes:
+def _stamped(section: bytes, ingress: str, trace: tuple[str, ...], to: str | None, dest: str | None) -> bytes:
     annotations = _decode(section) if section else {}
     annotations[INGRESS] = ingress
     annotations[TRACE] = list(trace)
-    if to is None:
-        annotations.pop(TO, None)
-    else:
-        annotations[TO] = to
+    for key, value in ((TO, to), (DEST, dest)):
+        if value is None:
+            annotations.pop(key, None)
+        else:
+            annotations[key] = value
     return _encode(annotations)

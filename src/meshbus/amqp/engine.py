@@ -686,10 +686,11 @@ class Engine:
         settled: bool = pn_delivery_settled(delivery)
         ingress: str | None = None
         trace: tuple[str, ...] = ()
+        dest: str | None = None
         owner: AmqpConnection = link.owner
-        if owner.inter_router:  # from another router: where it entered the mesh, and its path
+        if owner.inter_router:  # from another router: where it entered the mesh, its path, where it goes
             try:
-                (ingress, trace, via), payload = take(payload)  # the client gets the producer's message
+                (ingress, trace, via, dest), payload = take(payload)  # for a client: the producer's message
             except AnnotationError as error:
                 self._refuse(link, delivery, handle, partial, rejected("amqp:decode-error", str(error)))
                 return
@@ -713,6 +714,7 @@ class Engine:
             now=now,
             ingress=ingress,
             trace=trace,
+            dest=dest,
         )
         if stream is not None:
             stream.delivery = routed
@@ -841,7 +843,11 @@ class Engine:
         if link.router is not None:  # to another router: with where it entered the mesh and its path
             router_id = self.router_id
             payload = stamp(
-                payload, delivery.ingress or router_id, (*delivery.trace, router_id), delivery.address
+                payload,
+                delivery.ingress or router_id,
+                (*delivery.trace, router_id),
+                delivery.address,
+                delivery.dest,
             )
         size = len(payload)
         # cffi passes a bytes object to a `char *` as it is; other buffers need wrapping (0.2 us more).

@@ -9,7 +9,8 @@ Rules of this module:
    with a new `RoutingTable`, `addresses_changed` with the addresses whose routers changed, `report` an event
    for the operator's log.
 3. Messages and link events change the state and flood at once. What gains from batching waits
-   `batch_delay` for a tick: our own link-state and address updates, and the route computation.
+   `batch_delay` for a tick: our own link-state and address updates, and the route computation; except
+   after a lost neighbour, whose tick is due at once.
 4. Only neighbours (two-way links) are listened to: any message but a hello from another link is dropped.
 5. Purge rule: a router unreachable from here whose state has not changed for `purge_after` is forgotten,
    link state and addresses. Until then its state helps a healing partition converge without asking.
@@ -207,7 +208,8 @@ class MeshNode:
                     self._advertise_at[link] = now + self._advertise_delay()
                     self._timers_due = min(self._timers_due, self._advertise_at[link])
                 case NeighbourDown(router_id=neighbour, link=link):
-                    self._schedule(now)
+                    # Not batched: what would go on that link has nowhere to go until routes change.
+                    self._batch_at = now
                     self._advertise_at.pop(link, None)
                     other = self._neighbours.adjacent().get(neighbour)
                     if other is not None:  # still a neighbour: what the lost link carried may be lost too

@@ -286,6 +286,7 @@ class Delivery:
     toward: str | None = None  # the other router a unicast copy was sent to (balanced accounting)
     held: bool = False  # sent on to another router: occupies its producer's credit until settled (rule 7)
     gathering: bool = False  # an in-process consumer (the store) needs it whole: the edge keeps every frame
+    dest: str | None = None  # the router it is sent toward, chosen where it entered the mesh
 
 
 @dataclass(slots=True)
@@ -662,9 +663,12 @@ class RouterCore:
         now: float,
         ingress: str | None = None,
         trace: tuple[str, ...] = (),
+        dest: str | None = None,
     ) -> Delivery:
         """A new delivery arrived (the first frame of it, if `complete` is false). From another router, it
-        comes with the router where it entered the mesh and the routers it passed."""
+        comes with the router where it entered the mesh, the routers it passed and maybe the router it is
+        sent toward (`dest`), which a router on the way follows by its routes alone: it may not know the
+        address yet (it just joined the mesh)."""
         if link.credit > 0:
             link.credit -= 1
         link.held += 1
@@ -681,7 +685,8 @@ class RouterCore:
                 self._finish(delivery, rejected("amqp:precondition-failed", "message has no 'to' address"))
                 return delivery
             entry = self.entries.get(to)
-            if entry is None and self.queues.lookup(to) is not None:
+            passing = dest is not None and dest != self.router_id  # on its way to another router
+            if entry is None and not passing and self.queues.lookup(to) is not None:
                 entry = self._queue_entry(to)
             delivery.address = to
         else:
@@ -690,7 +695,11 @@ class RouterCore:
             self.counters.expired += 1
             self._finish(delivery, EXPIRED)
             return delivery
-        if entry is None or not entry.reachable:
+        via = None if dest is None or dest == self.router_id else self._toward(delivery, dest)
+        if via is not None:
+            delivery.pending = 1
+            self._offer(via, delivery)
+        elif entry is None or not entry.reachable:
             router = _dynamic_router(delivery.address) if entry is None else None
             via = None if router is None or router == self.router_id else self._toward(delivery, router)
             if via is None:
@@ -815,6 +824,7 @@ class RouterCore:
         if accounted is not None and not delivery.settled and delivery.toward is None:
             delivery.toward = router
             accounted.toward[router] = accounted.toward.get(router, 0) + 1
+        delivery.dest = router
         self._hold(delivery)
         return links[0]
 

@@ -22,6 +22,7 @@ from meshbus.router.core import (
     CONSUMER_LOST,
     MAX_HOPS,
     MODIFIED_KIND,
+    PRESETTLED_QUEUE_LIMIT,
     RELEASED,
     AttachError,
     ConsumerLink,
@@ -510,3 +511,14 @@ def test_the_ingress_names_the_router_it_chose(a):
     a.core.remote_changed("near/x", frozenset({"E"}))
     delivery = a.send(a.producer("near/x"))
     assert (a.edge.receivers(delivery), delivery.dest) == ([link_to(a, "C")], "E")
+
+
+def test_presettled_deliveries_from_another_router_are_shed_past_the_queue_limit(a):
+    slow = a.consumer("work")  # no credit: everything waits in its queue
+    arriving = from_mesh(a)
+    for _ in range(PRESETTLED_QUEUE_LIMIT + 5):
+        a.send(arriving, to="work", settled=True, ingress="B", trace=("B",))
+    assert len(slow.queue) == PRESETTLED_QUEUE_LIMIT
+    assert a.core.counters.dropped_slow_consumer == 5
+    a.send(arriving, to="work", ingress="B", trace=("B",))  # unsettled: bounded at its ingress, kept
+    assert len(slow.queue) == PRESETTLED_QUEUE_LIMIT + 1

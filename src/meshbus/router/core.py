@@ -26,7 +26,9 @@ Rules of this module:
 7. Flow across the mesh, so that a slow consumer on one router never stalls a link between routers: a
    delivery arriving from another router moves on at once (the link between routers always gets its
    credit back), and an unsettled delivery that entered the mesh here occupies its producer's credit until
-   its outcome comes back. Memory anywhere in the mesh is so bounded by the producers' capacities.
+   its outcome comes back. Memory anywhere in the mesh is so bounded by the producers' capacities; for
+   pre-settled deliveries from another router (no outcome comes back), by PRESETTLED_QUEUE_LIMIT per
+   consumer: beyond it they are dropped and counted.
 8. Queues (issue 6): the queue rules say which addresses are durable queues. On a router hosting a store
    for the rule (`queue_host`: its store, or an external broker, or both as `QueueHosts`, each serving its
    own rules), the store's endpoint consumes from a queue address X through a link of its
@@ -50,6 +52,8 @@ from meshbus.router.addressing import Distribution, DistributionRules, QueueRule
 # The most routers a delivery may pass; beyond, it is released (a routing loop while the mesh converges).
 MAX_HOPS: Final = 32
 DYNAMIC_PREFIX: Final = "_dynamic/"
+# A consumer's queue holds at most this many pre-settled deliveries that came from another router (rule 7).
+PRESETTLED_QUEUE_LIMIT: Final = 1000
 MESH_PREFIX: Final = "_mesh/"  # the routers' own links: never in the address table
 
 # The edge's reference to a proton link or delivery: opaque to the core, used as a dictionary key.
@@ -296,6 +300,7 @@ class Counters:
     delivered: int = 0
     released_no_consumer: int = 0
     dropped_no_consumer: int = 0
+    dropped_slow_consumer: int = 0  # pre-settled, from another router, past PRESETTLED_QUEUE_LIMIT (rule 7)
     expired: int = 0
     rejected: int = 0
 
@@ -863,6 +868,11 @@ class RouterCore:
     def _offer(self, link: ConsumerLink, delivery: Delivery) -> None:
         if link.can_take():
             self._send(link, delivery)
+        elif delivery.settled and delivery.ingress is not None and len(link.queue) >= PRESETTLED_QUEUE_LIMIT:
+            # Rule 7 bounds nothing pre-settled that came from another router: at most once, it is shed here
+            # rather than pile up in memory behind a consumer that does not keep up.
+            self.counters.dropped_slow_consumer += 1
+            self._copy_settled(delivery, RELEASED)
         else:
             link.queue.append(delivery)
             delivery.queued += 1

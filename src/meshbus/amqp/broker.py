@@ -175,7 +175,7 @@ class BrokerHost:
             broker, broker.session, address, sender=True, remote=queue.broker_address(address)
         )
         broker.intake[address] = sender
-        self._register(conn, sender, self.core.attach_store(sender, address, self.engine, conn))
+        self.engine.track(sender, self.core.attach_store(sender, address, self.engine, conn))
 
     def _attach_outlet(self, broker: Broker, conn: AmqpConnection, address: str) -> None:
         parsed = parse_queue_address(address)
@@ -189,7 +189,7 @@ class BrokerHost:
         broker.outlets[address] = receiver
         capacity = broker.connector.config.link_capacity
         link = self.core.attach_producer(receiver, address, capacity, conn, edge=self.edge)
-        self._register(conn, receiver, link)
+        self.engine.track(receiver, link)
 
     def _rule(self, address: str) -> QueueRule:
         rule = self.core.queues.lookup(address)
@@ -213,10 +213,6 @@ class BrokerHost:
         lib.pn_link_open(link)
         broker.links[link] = address
         return link
-
-    def _register(self, conn: AmqpConnection, handle: CData, link: ConsumerLink | ProducerLink) -> None:
-        self.engine.links[handle] = link
-        conn.links.add(handle)
 
     def _detach_outlet(self, broker: Broker, address: str) -> None:
         receiver = broker.outlets.pop(address, None)

@@ -524,10 +524,15 @@ class Engine:
             log.info("attach refused: peer=%s %s", conn.peer, error.description)
             self.mark(conn)
             return
-        self.links[handle] = link
-        conn.links.add(handle)
+        self.track(handle, link)
         pn_link_open(handle)
         self.mark(conn)
+
+    def track(self, handle: CData, link: ProducerLink | ConsumerLink) -> None:
+        """A proton link the core routes for: its events reach the core, and it goes with its connection."""
+        self.links[handle] = link
+        owner: AmqpConnection = link.owner
+        owner.links.add(handle)
 
     def _attach_consumer(self, handle: CData, conn: AmqpConnection) -> ConsumerLink:
         remote = pn_link_remote_source(handle)

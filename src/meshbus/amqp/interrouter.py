@@ -33,16 +33,17 @@ from meshbus.mesh.config import MeshConfig
 from meshbus.mesh.events import Event, NeighbourDown
 from meshbus.mesh.messages import Message, decode
 from meshbus.mesh.node import MeshNode, RoutingTable
+from meshbus.router.core import DYNAMIC_PREFIX, MESH_PREFIX
 
 if TYPE_CHECKING:
     from meshbus.amqp.engine import Engine
 
 log = logging.getLogger("meshbus.mesh")
 
-CONTROL: Final = "_mesh/control"
-DATA: Final = "_mesh/data"
+CONTROL: Final = f"{MESH_PREFIX}control"
+DATA: Final = f"{MESH_PREFIX}data"
 # Addresses the mesh does not advertise: its own, and dynamic ones (reached through the router they name).
-_NOT_ADVERTISED: Final = ("_mesh/", "_dynamic/")
+_NOT_ADVERTISED: Final = (MESH_PREFIX, DYNAMIC_PREFIX)
 CONTROL_CREDIT: Final = 1000  # protocol messages the peer may send ahead; topped up at half
 RECONNECT_FIRST: Final = 0.05  # seconds before a connector's first retry
 RECONNECT_MAX: Final = 2.0  # the back-off's ceiling: a router that comes back is rejoined within this
@@ -168,13 +169,10 @@ class MeshEdge:
                 lib.pn_link_flow(link, CONTROL_CREDIT)
             return
         if sender:
-            data = engine.core.attach_router_link(link, neighbour, conn)
-            engine.links[link] = data
+            engine.track(link, engine.core.attach_router_link(link, neighbour, conn))
         else:
-            engine.links[link] = engine.core.attach_producer(
-                link, None, conn.listener.link_capacity, conn, from_router=True
-            )
-        conn.links.add(link)
+            capacity = conn.listener.link_capacity
+            engine.track(link, engine.core.attach_producer(link, None, capacity, conn, from_router=True))
 
     def connection_lost(self, conn: AmqpConnection) -> None:
         peer = self._peers.pop(conn, None)

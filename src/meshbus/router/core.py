@@ -267,30 +267,67 @@ class ConsumerLink:
         return self.credit > 0 and not self.queue and not self.blocked and self.streaming is None
 
 
-@dataclass(slots=True, eq=False)
 class Delivery:
-    """A message passing through the router: from one producer link to one or more consumer links."""
+    """A message passing through the router: from one producer link to one or more consumer links.
 
-    link: ProducerLink
-    handle: Handle
-    payload: bytes | bytearray
-    complete: bool
-    settled: bool  # settled by the producer: nothing goes back
-    deadline: float | None  # expiry, seconds since the epoch
-    address: str = ""
-    pending: int = 0  # copies neither settled by a consumer nor given up
-    queued: int = 0  # copies waiting in consumers' queues (the payload must be kept whole for them)
-    accepted: bool = False
-    refusal: Outcome | None = None  # for a delivery copied to several consumers: the first rejection seen
-    unicast: bool = True  # one copy: the consumer's outcome is the producer's
-    moved_on: bool = False  # no longer counted against the producer's credit
-    aborted: bool = False
-    ingress: str | None = None  # the router where it entered the mesh (None: this one)
-    trace: tuple[str, ...] = ()  # the routers it passed before this one
-    toward: str | None = None  # the other router a unicast copy was sent to (balanced accounting)
-    held: bool = False  # sent on to another router: occupies its producer's credit until settled (rule 7)
-    gathering: bool = False  # an in-process consumer (the store) needs it whole: the edge keeps every frame
-    dest: str | None = None  # the router it is sent toward, chosen where it entered the mesh
+    A plain class, not a dataclass: one is made per message, and mypyc compiles an `__init__` written out
+    (a dataclass's generated one runs interpreted, about a microsecond per message)."""
+
+    __slots__ = (
+        "aborted",
+        "accepted",
+        "address",
+        "complete",
+        "deadline",
+        "dest",
+        "gathering",
+        "handle",
+        "held",
+        "ingress",
+        "link",
+        "moved_on",
+        "payload",
+        "pending",
+        "queued",
+        "refusal",
+        "settled",
+        "toward",
+        "trace",
+        "unicast",
+    )
+
+    def __init__(
+        self,
+        link: ProducerLink,
+        handle: Handle,
+        payload: bytes | bytearray,
+        complete: bool,
+        settled: bool,
+        deadline: float | None,
+    ) -> None:
+        self.link = link
+        self.handle = handle
+        self.payload = payload
+        self.complete = complete
+        self.settled = settled  # settled by the producer: nothing goes back
+        self.deadline = deadline  # expiry, seconds since the epoch
+        self.address = ""
+        self.pending = 0  # copies neither settled by a consumer nor given up
+        self.queued = 0  # copies waiting in consumers' queues (the payload must be kept whole for them)
+        self.accepted = False
+        self.refusal: Outcome | None = None  # for a delivery copied to several consumers: the first rejection
+        self.unicast = True  # one copy: the consumer's outcome is the producer's
+        self.moved_on = False  # no longer counted against the producer's credit
+        self.aborted = False
+        self.ingress: str | None = None  # the router where it entered the mesh (None: this one)
+        self.trace: tuple[str, ...] = ()  # the routers it passed before this one
+        self.toward: str | None = None  # the other router a unicast copy was sent to (balanced accounting)
+        self.held = False  # sent on to another router: occupies its producer's credit until settled (rule 7)
+        self.gathering = False  # an in-process consumer (the store) needs it whole: the edge keeps all frames
+        self.dest: str | None = None  # the router it is sent toward, chosen where it entered the mesh
+
+    def __repr__(self) -> str:
+        return f"Delivery({self.address!r}, {len(self.payload)} bytes, pending={self.pending})"
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ from meshbus.messaging import (
     AsyncRPCClient,
     LinkRefused,
     MessageUndeliverable,
+    MessagingError,
     MessagingTimeout,
     Target,
     wire,
@@ -74,6 +75,16 @@ def test_16_threads_call_through_one_blocking_transport(blocking: BlockingApi, t
         results = list(threads.map(calls, range(16)))
     assert results == [[[thread, n] for n in range(25)] for thread in range(16)]
     assert len(transport.aio.connection._receivers) == 1, "the client's only receiver is its reply link"
+
+
+def test_a_closed_blocking_transport_says_so(blocking: BlockingApi, topic: str) -> None:
+    serve(blocking, topic)
+    transport = blocking.transport()
+    client = blocking.client(transport, Target(topic=topic))
+    assert client.call({}, "echo", value=1) == 1
+    transport.close()
+    with pytest.raises(MessagingError, match="the transport is closed"):
+        client.call({}, "echo", value=2)
 
 
 def test_a_sender_link_idle_longer_than_its_time_out_is_closed(blocking: BlockingApi, topic: str) -> None:

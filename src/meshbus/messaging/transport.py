@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
@@ -334,23 +337,42 @@ def _detail(outcome: Outcome) -> str:
     return "" if outcome.state != MODIFIED else " (its consumer could not take it here)"
 
 
-class _Waiter(Generic[T]):
-    """A thread's wait for a task on the loop: a lock held until the task is done."""
+class _Wakeup:
+    """A thread's eventfd to be woken through. Waking through it releases the GIL, unlike releasing a lock:
+    a thread woken by a lock's release that preempts its waker finds the GIL still held and blocks again."""
 
-    __slots__ = ("_lock", "_task")
+    __slots__ = ("fd",)
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC)
+
+    def __del__(self) -> None:  # the thread ended
+        os.close(self.fd)
+
+
+_wakeups = threading.local()
+
+
+class _Waiter(Generic[T]):
+    """A thread's wait for a task on the loop, through the thread's own eventfd."""
+
+    __slots__ = ("_fd", "_task")
+
+    def __init__(self) -> None:
+        wakeup = getattr(_wakeups, "wakeup", None)
+        if wakeup is None:
+            wakeup = _wakeups.wakeup = _Wakeup()
+        self._fd: int = wakeup.fd
         self._task: asyncio.Task[T] | None = None
 
     def done(self, task: asyncio.Task[T]) -> None:
         self._task = task
-        self._lock.release()
+        os.eventfd_write(self._fd, 1)
 
     def wait(self) -> T:
-        self._lock.acquire()
-        assert self._task is not None
+        # A wait that was interrupted (KeyboardInterrupt) leaves a write behind for the thread's next wait.
+        while self._task is None:
+            os.eventfd_read(self._fd)
         return self._task.result()
 
 
@@ -366,6 +388,11 @@ class Transport:
         self.loop = _new_loop()
         self._green = green.active()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # What callers ask the loop to run, and the eventfd that wakes it (see `run`).
+        self._inbox: deque[tuple[Coroutine[Any, Any, Any], _Waiter[Any]]] = deque()
+        self._inbox_wakeup = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._inbox_woken = False
+        self.loop.add_reader(self._inbox_wakeup, self._take_inbox)
         self._thread = green.os_thread(self.loop.run_forever, "meshbus-io")
         self._thread.start()
 
@@ -378,17 +405,31 @@ class Transport:
         """Run `coroutine` on the transport's loop and wait for its result (from any thread but that one)."""
         if self._green:
             return green.run(self.loop, coroutine)
-        # Lighter than run_coroutine_threadsafe (no concurrent future and its chained callbacks): a lock
-        # the loop releases when the task is done. Every blocking call goes through here.
+        # Every blocking call comes through here. Not call_soon_threadsafe: its wake-up write holds the GIL,
+        # and an eventfd write releases it (see _Wakeup). One write wakes the loop for every request queued
+        # until it looks.
+        if self._inbox_wakeup < 0:
+            coroutine.close()
+            raise MessagingError("the transport is closed")
         waiter = _Waiter[T]()
-        self.loop.call_soon_threadsafe(self._start, coroutine, waiter)
+        self._inbox.append((coroutine, waiter))
+        if not self._inbox_woken:
+            self._inbox_woken = True
+            os.eventfd_write(self._inbox_wakeup, 1)
         return waiter.wait()
 
-    def _start(self, coroutine: Coroutine[Any, Any, T], waiter: _Waiter[T]) -> None:
-        task = self.loop.create_task(coroutine)
-        self._tasks.add(task)  # asyncio keeps only weak references to tasks
-        task.add_done_callback(waiter.done)
-        task.add_done_callback(self._tasks.discard)
+    def _take_inbox(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # woken twice for one look
+            os.eventfd_read(self._inbox_wakeup)
+        # Cleared after the read, before the look: a request queued from now on wakes the loop again.
+        self._inbox_woken = False
+        inbox = self._inbox
+        while inbox:
+            coroutine, waiter = inbox.popleft()
+            task = self.loop.create_task(coroutine)
+            self._tasks.add(task)  # asyncio keeps only weak references to tasks
+            task.add_done_callback(waiter.done)
+            task.add_done_callback(self._tasks.discard)
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Run `coroutine` on the transport's loop; its future. Under eventlet, wait with `run` instead: a
@@ -402,6 +443,9 @@ class Transport:
         self.run(self.aio.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
+        self.loop.remove_reader(self._inbox_wakeup)
+        os.close(self._inbox_wakeup)
+        self._inbox_wakeup = -1
         self.loop.close()
 
     def __enter__(self) -> Transport:
@@ -506,7 +550,9 @@ class AsyncService:
 
     def _start_worker(self, work: Callable[[], R], then: Callable[[R], None]) -> None:
         if self.executor is None:
-            self.executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="meshbus-worker")
+            self.executor = concurrent.futures.ThreadPoolExecutor(
+                thread_name_prefix="meshbus-worker", initializer=green.yield_on_wakeup
+            )
         loop = asyncio.get_running_loop()
         job = self.executor.submit(work)
         job.add_done_callback(lambda done: loop.call_soon_threadsafe(self._after_worker, then, done))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import queue
 import re
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from meshbus.amqp.client import IncomingMessage
 from meshbus.messaging import (
     AsyncRPCClient,
     LinkRefused,
@@ -85,6 +87,27 @@ def test_a_closed_blocking_transport_says_so(blocking: BlockingApi, topic: str) 
     transport.close()
     with pytest.raises(MessagingError, match="the transport is closed"):
         client.call({}, "echo", value=2)
+
+
+def test_a_reply_given_back_is_resent_until_its_caller_is_there(blocking: BlockingApi, topic: str) -> None:
+    address = f"test/replies/{topic}"
+    server, caller = blocking.transport(), blocking.transport()
+    replies: queue.Queue[bytes] = queue.Queue()
+
+    async def reply() -> None:
+        server.aio.reply(wire.encode_reply(address, "call-1", result=42))
+
+    def take(message: IncomingMessage) -> None:
+        message.accept()
+        replies.put(message.payload)
+
+    async def listen() -> None:
+        await caller.aio.connection.receive(address, take).ready()
+
+    server.run(reply())
+    time.sleep(0.05)  # the router gives the reply back meanwhile: nobody receives from its address yet
+    caller.run(listen())
+    assert wire.decode_reply(replies.get(timeout=WAIT)) == ("call-1", {"response": 42})
 
 
 def test_a_sender_link_idle_longer_than_its_time_out_is_closed(blocking: BlockingApi, topic: str) -> None:

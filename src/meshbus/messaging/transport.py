@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -172,11 +173,10 @@ class AsyncTransport:
         self._id_prefix = f"{uuid.uuid4().hex[:16]}-"
         self._ids = itertools.count()
         self._replies: Receiver | None = None
-        self._replying: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references to tasks
+        self._closed = False
 
     async def close(self) -> None:
-        for task in self._replying:
-            task.cancel()
+        self._closed = True
         if self._replies is not None:
             self._replies.close()
         await self.connection.close()
@@ -284,21 +284,26 @@ class AsyncTransport:
         if not at_least_once:
             self.connection.send(None, payload, settled=True)
             return
-        task = asyncio.get_running_loop().create_task(self._reply(payload))
-        self._replying.add(task)
-        task.add_done_callback(self._replying.discard)
+        self._send_reply(payload, 0)
 
-    async def _reply(self, payload: bytes) -> None:
-        for attempt in range(REPLY_RESENDS + 1):
-            if attempt:
-                await asyncio.sleep(min(RESEND_DELAY * 2 ** (attempt - 1), MAX_RESEND_DELAY))
-            try:
-                outcome = await self.connection.send(None, payload)
-            except OutcomeUnknown:
-                continue
-            if outcome.state in (ACCEPTED, REJECTED):
-                return
-        log.debug("a reply was given back %d times; its caller is gone", REPLY_RESENDS + 1)
+    # A reply's resends are callbacks, not a task: a task per reply is a server's dearest part of a call.
+    def _send_reply(self, payload: bytes, attempt: int) -> None:
+        if self._closed:
+            return
+        sent = self.connection.send(None, payload)
+        sent.add_done_callback(functools.partial(self._replied, payload, attempt))
+
+    def _replied(self, payload: bytes, attempt: int, sent: asyncio.Future[Outcome]) -> None:
+        error = sent.exception()
+        if error is None and sent.result().state in (ACCEPTED, REJECTED):
+            return
+        if error is not None and not isinstance(error, OutcomeUnknown):
+            return  # the connection is closed
+        if attempt == REPLY_RESENDS:
+            log.debug("a reply was given back %d times; its caller is gone", REPLY_RESENDS + 1)
+            return
+        delay = min(RESEND_DELAY * 2**attempt, MAX_RESEND_DELAY)
+        asyncio.get_running_loop().call_later(delay, self._send_reply, payload, attempt + 1)
 
     # -- replies ------------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import select
 import sys
 import threading
 from collections import deque
@@ -55,6 +56,41 @@ def yield_on_wakeup() -> None:
     A thread blocked on the GIL gains nothing from preempting anyway; and on an idle core it runs at once."""
     with contextlib.suppress(AttributeError, OSError):  # not Linux; a policy this system forbids
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
+class Wakeup:
+    """An eventfd through which threads wake the one thread that waits on it: `wake()` and `wait()` release
+    the GIL, unlike a lock's release. A thread woken by a lock's release preempts its waker (on the same
+    core) while the waker still holds the GIL, so it blocks again at once: two context switches for nothing.
+    `for_loop=True`: an event loop watches `fd` and calls `clear()` instead of waiting."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, *, for_loop: bool = False) -> None:
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | (os.EFD_NONBLOCK if for_loop else 0))
+
+    def wake(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until woken (True) or `timeout` seconds have passed (False); a wake not yet waited for counts."""
+        if timeout is not None and not select.select([self.fd], [], [], max(timeout, 0.0))[0]:
+            return False
+        os.eventfd_read(self.fd)
+        return True
+
+    def clear(self) -> None:
+        """Forget the wakes so far (`for_loop` only)."""
+        with contextlib.suppress(BlockingIOError):  # none since the last look
+            os.eventfd_read(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:  # a thread's own, dropped when the thread ends
+        self.close()
 
 
 def os_thread(target: Callable[[], object], name: str) -> threading.Thread:

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import functools
 import itertools
 import logging
-import os
 import threading
 import time
 import uuid
@@ -342,42 +340,29 @@ def _detail(outcome: Outcome) -> str:
     return "" if outcome.state != MODIFIED else " (its consumer could not take it here)"
 
 
-class _Wakeup:
-    """A thread's eventfd to be woken through. Waking through it releases the GIL, unlike releasing a lock:
-    a thread woken by a lock's release that preempts its waker finds the GIL still held and blocks again."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_CLOEXEC)
-
-    def __del__(self) -> None:  # the thread ended
-        os.close(self.fd)
-
-
-_wakeups = threading.local()
+_wakeups = threading.local()  # each thread's green.Wakeup, for its blocking calls
 
 
 class _Waiter(Generic[T]):
-    """A thread's wait for a task on the loop, through the thread's own eventfd."""
+    """A thread's wait for a task on the loop, through the thread's own `green.Wakeup`."""
 
-    __slots__ = ("_fd", "_task")
+    __slots__ = ("_task", "_wakeup")
 
     def __init__(self) -> None:
         wakeup = getattr(_wakeups, "wakeup", None)
         if wakeup is None:
-            wakeup = _wakeups.wakeup = _Wakeup()
-        self._fd: int = wakeup.fd
+            wakeup = _wakeups.wakeup = green.Wakeup()
+        self._wakeup: green.Wakeup = wakeup
         self._task: asyncio.Task[T] | None = None
 
     def done(self, task: asyncio.Task[T]) -> None:
         self._task = task
-        os.eventfd_write(self._fd, 1)
+        self._wakeup.wake()
 
     def wait(self) -> T:
-        # A wait that was interrupted (KeyboardInterrupt) leaves a write behind for the thread's next wait.
+        # A wait that was interrupted (KeyboardInterrupt) leaves a wake behind for the thread's next wait.
         while self._task is None:
-            os.eventfd_read(self._fd)
+            self._wakeup.wait()
         return self._task.result()
 
 
@@ -393,11 +378,11 @@ class Transport:
         self.loop = _new_loop()
         self._green = green.active()
         self._tasks: set[asyncio.Task[Any]] = set()
-        # What callers ask the loop to run, and the eventfd that wakes it (see `run`).
+        # What callers ask the loop to run, and how they wake it (see `run`).
         self._inbox: deque[tuple[Coroutine[Any, Any, Any], _Waiter[Any]]] = deque()
-        self._inbox_wakeup = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._inbox_wakeup = green.Wakeup(for_loop=True)
         self._inbox_woken = False
-        self.loop.add_reader(self._inbox_wakeup, self._take_inbox)
+        self.loop.add_reader(self._inbox_wakeup.fd, self._take_inbox)
         self._thread = green.os_thread(self.loop.run_forever, "meshbus-io")
         self._thread.start()
 
@@ -410,22 +395,20 @@ class Transport:
         """Run `coroutine` on the transport's loop and wait for its result (from any thread but that one)."""
         if self._green:
             return green.run(self.loop, coroutine)
-        # Every blocking call comes through here. Not call_soon_threadsafe: its wake-up write holds the GIL,
-        # and an eventfd write releases it (see _Wakeup). One write wakes the loop for every request queued
-        # until it looks.
-        if self._inbox_wakeup < 0:
+        # Every blocking call comes through here. Not call_soon_threadsafe: its wake-up write holds the GIL
+        # (see green.Wakeup). One wake for every request queued until the loop looks.
+        if self._inbox_wakeup.fd < 0:
             coroutine.close()
             raise MessagingError("the transport is closed")
         waiter = _Waiter[T]()
         self._inbox.append((coroutine, waiter))
         if not self._inbox_woken:
             self._inbox_woken = True
-            os.eventfd_write(self._inbox_wakeup, 1)
+            self._inbox_wakeup.wake()
         return waiter.wait()
 
     def _take_inbox(self) -> None:
-        with contextlib.suppress(BlockingIOError):  # woken twice for one look
-            os.eventfd_read(self._inbox_wakeup)
+        self._inbox_wakeup.clear()
         # Cleared after the read, before the look: a request queued from now on wakes the loop again.
         self._inbox_woken = False
         inbox = self._inbox
@@ -448,9 +431,8 @@ class Transport:
         self.run(self.aio.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
-        self.loop.remove_reader(self._inbox_wakeup)
-        os.close(self._inbox_wakeup)
-        self._inbox_wakeup = -1
+        self.loop.remove_reader(self._inbox_wakeup.fd)
+        self._inbox_wakeup.close()
         self.loop.close()
 
     def __enter__(self) -> Transport:

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Final
@@ -34,7 +35,7 @@ from oslo_config import cfg
 from oslo_messaging._drivers import base, common
 
 from meshbus.amqp.client import ClientError, IncomingMessage, LinkRefused
-from meshbus.messaging import wire
+from meshbus.messaging import green, wire
 from meshbus.messaging.exceptions import (
     InvalidTarget,
     MessageUndeliverable,
@@ -251,39 +252,51 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *
 
 
 class _Inbox:
-    """Messages handed from the I/O thread (`put`) to oslo's polling thread (`take`)."""
+    """Messages handed from the I/O thread (`put`) to oslo's polling thread (`take`, one thread at a time),
+    woken through a `Wakeup` (not a condition: see green.Wakeup)."""
 
     def __init__(self) -> None:
         self._items: deque[Any] = deque()
-        self._changed = threading.Condition()
+        self._wakeup = green.Wakeup()
+        self._lock = threading.Lock()  # an item is either put before `stop` or refused
         self.stopped = False
 
     def put(self, item: Any) -> bool:
         """False once stopped: the caller gives the message back."""
-        with self._changed:
+        with self._lock:
             if self.stopped:
                 return False
             self._items.append(item)
-            self._changed.notify()
-            return True
+        self._wakeup.wake()
+        return True
 
     def take(self, timeout: float | None, batch_size: int, batch_timeout: float | None) -> list[Any]:
         """Up to `batch_size` items, waiting `timeout` for the first and `batch_timeout` (None: as long as
         it takes) for the batch to fill; what there is at once when stopped."""
         items = self._items
-        with self._changed:
-            if not self._changed.wait_for(lambda: items or self.stopped, timeout) or not items:
-                return []
-            if batch_size > 1:
-                self._changed.wait_for(lambda: len(items) >= batch_size or self.stopped, batch_timeout)
-            return [items.popleft() for _ in range(min(batch_size, len(items)))]
+        if not self._wait_until(lambda: bool(items), timeout) or not items:
+            return []
+        if batch_size > 1:
+            self._wait_until(lambda: len(items) >= batch_size, batch_timeout)
+        return [items.popleft() for _ in range(min(batch_size, len(items)))]
+
+    def _wait_until(self, ready: Callable[[], bool], timeout: float | None) -> bool:
+        """Until `ready()` or stopped (True), or `timeout` seconds have passed (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not (ready() or self.stopped):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._wakeup.wait(remaining)
+        return True
 
     def stop(self) -> list[Any]:
         """Stop taking items (`take` returns at once); the items left."""
-        with self._changed:
+        with self._lock:
             self.stopped = True
-            self._changed.notify_all()
-            return list(self._items)
+            left = list(self._items)
+        self._wakeup.wake()
+        return left
 
 
 class _Listener(base.PollStyleListener):  # type: ignore[misc]  # oslo is untyped

@@ -84,6 +84,8 @@ class Outcome:
 
 
 SETTLED_OUTCOME: Final = Outcome(ACCEPTED)  # a pre-settled send's outcome as soon as it is written
+# The outcomes that carry nothing but their state, made once: a frozen dataclass is slow to make.
+_PLAIN_OUTCOMES: Final = {state: Outcome(state) for state in (ACCEPTED, RELEASED)}
 
 
 @dataclass(slots=True)
@@ -714,16 +716,17 @@ def _read(link: CData, delivery: CData, buffer: CData) -> bytes:
 
 def _read_outcome(delivery: CData) -> Outcome:
     state = _OUTCOME_NAMES.get(lib.pn_delivery_remote_state(delivery), RELEASED)
-    remote = lib.pn_delivery_remote(delivery)
     if state == REJECTED:
+        remote = lib.pn_delivery_remote(delivery)
         return Outcome(state, error=pn.condition(lib.pn_disposition_condition(remote)))
     if state == MODIFIED:
+        remote = lib.pn_delivery_remote(delivery)
         return Outcome(
             state,
             delivery_failed=bool(lib.pn_disposition_is_failed(remote)),
             undeliverable_here=bool(lib.pn_disposition_is_undeliverable(remote)),
         )
-    return Outcome(state)
+    return _PLAIN_OUTCOMES[state]
 
 
 def _describe(error: Condition | None) -> str:

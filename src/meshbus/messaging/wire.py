@@ -72,7 +72,7 @@ def notify_address(target: Target, priority: str, default_exchange: str = DEFAUL
 # -- messages ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per message, and a frozen dataclass is slow to make
 class Incoming:
     """A decoded request or notification."""
 

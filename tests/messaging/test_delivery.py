@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import queue
 import re
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -77,6 +79,18 @@ def test_16_threads_call_through_one_blocking_transport(blocking: BlockingApi, t
         results = list(threads.map(calls, range(16)))
     assert results == [[[thread, n] for n in range(25)] for thread in range(16)]
     assert len(transport.aio.connection._receivers) == 1, "the client's only receiver is its reply link"
+
+
+def test_the_librarys_own_threads_wait_their_turn_when_woken(blocking: BlockingApi, topic: str) -> None:
+    serve(blocking, topic)
+    transport = blocking.transport()
+    assert blocking.client(transport, Target(topic=topic)).call({}, "echo", value=1) == 1
+    own = [t for t in threading.enumerate() if t.name.startswith(("meshbus-io", "meshbus-rpc"))]
+    assert {t.name.partition("_")[0] for t in own} == {"meshbus-io", "meshbus-rpc"}
+    for thread in own:
+        assert thread.native_id is not None
+        assert os.sched_getscheduler(thread.native_id) == os.SCHED_BATCH, thread.name
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER, "the caller's thread is the application's"
 
 
 def test_a_closed_blocking_transport_says_so(blocking: BlockingApi, topic: str) -> None:

@@ -378,8 +378,8 @@ class Transport:
         self.loop = _new_loop()
         self._green = green.active()
         self._tasks: set[asyncio.Task[Any]] = set()
-        # What callers ask the loop to run, and how they wake it (see `run`).
-        self._inbox: deque[tuple[Coroutine[Any, Any, Any], _Waiter[Any]]] = deque()
+        # What other threads ask the loop to do, and how they wake it (see `call_soon_threadsafe`).
+        self._inbox: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
         self._inbox_wakeup = green.Wakeup(for_loop=True)
         self._inbox_woken = False
         self.loop.add_reader(self._inbox_wakeup.fd, self._take_inbox)
@@ -395,29 +395,43 @@ class Transport:
         """Run `coroutine` on the transport's loop and wait for its result (from any thread but that one)."""
         if self._green:
             return green.run(self.loop, coroutine)
-        # Every blocking call comes through here. Not call_soon_threadsafe: its wake-up write holds the GIL
-        # (see green.Wakeup). One wake for every request queued until the loop looks.
-        if self._inbox_wakeup.fd < 0:
-            coroutine.close()
-            raise MessagingError("the transport is closed")
         waiter = _Waiter[T]()
-        self._inbox.append((coroutine, waiter))
+        try:
+            self.call_soon_threadsafe(self._start, coroutine, waiter)
+        except MessagingError:
+            coroutine.close()
+            raise
+        return waiter.wait()
+
+    def call_soon_threadsafe(self, callback: Callable[..., None], *args: Any) -> None:
+        """Call `callback(*args)` on the transport's loop, from any thread. Every blocking call and every
+        result of a server's worker comes through here. Not the loop's own call_soon_threadsafe: its wake-up
+        write holds the GIL (see green.Wakeup). One wake for all that is queued until the loop looks.
+        Raises `MessagingError` once the transport is closed."""
+        if self._inbox_wakeup.fd < 0:
+            raise MessagingError("the transport is closed")
+        self._inbox.append((callback, args))
         if not self._inbox_woken:
             self._inbox_woken = True
             self._inbox_wakeup.wake()
-        return waiter.wait()
 
     def _take_inbox(self) -> None:
         self._inbox_wakeup.clear()
-        # Cleared after the read, before the look: a request queued from now on wakes the loop again.
+        # Cleared after the read, before the look: what is queued from now on wakes the loop again.
         self._inbox_woken = False
         inbox = self._inbox
         while inbox:
-            coroutine, waiter = inbox.popleft()
-            task = self.loop.create_task(coroutine)
-            self._tasks.add(task)  # asyncio keeps only weak references to tasks
-            task.add_done_callback(waiter.done)
-            task.add_done_callback(self._tasks.discard)
+            callback, args = inbox.popleft()
+            try:
+                callback(*args)
+            except Exception:  # the rest of the inbox still runs
+                log.exception("a callback handed to the I/O thread failed")
+
+    def _start(self, coroutine: Coroutine[Any, Any, T], waiter: _Waiter[T]) -> None:
+        task = self.loop.create_task(coroutine)
+        self._tasks.add(task)  # asyncio keeps only weak references to tasks
+        task.add_done_callback(waiter.done)
+        task.add_done_callback(self._tasks.discard)
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Run `coroutine` on the transport's loop; its future. Under eventlet, wait with `run` instead: a
@@ -536,6 +550,9 @@ class AsyncService:
         asyncio.get_running_loop().call_soon(self._start_worker, work, then)
 
     def _start_worker(self, work: Callable[[], R], then: Callable[[R], None]) -> None:
+        if isinstance(self.executor, green.WorkerPool):
+            self.executor.run(work, functools.partial(self._after_pool, then))
+            return
         if self.executor is None:
             self.executor = concurrent.futures.ThreadPoolExecutor(
                 thread_name_prefix="meshbus-worker", initializer=green.yield_on_wakeup
@@ -547,6 +564,12 @@ class AsyncService:
     def _after_worker(self, then: Callable[[R], None], done: concurrent.futures.Future[R]) -> None:
         try:
             then(done.result())
+        finally:
+            self.end()
+
+    def _after_pool(self, then: Callable[[R], None], result: R) -> None:
+        try:
+            then(result)
         finally:
             self.end()
 
@@ -566,7 +589,7 @@ class BlockingService:
 
     def __init__(self, transport: Transport, max_workers: int, thread_name: str) -> None:
         self.transport = transport
-        self.executor = green.executor(max_workers, thread_name)
+        self.executor = green.executor(max_workers, thread_name, transport.call_soon_threadsafe)
 
     def start(self) -> None:
         self.transport.run(self.aio.start())

@@ -240,11 +240,11 @@ def _oslo_errors(target: Any) -> Iterator[None]:
         raise oslo_messaging.MessageDeliveryFailure(str(error)) from error
 
 
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+def _call_soon(transport: Transport, callback: Callable[..., None], *args: Any) -> None:
     """Run `callback` on the driver's I/O thread; oslo's settle and reply methods must not raise."""
     try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:
+        transport.call_soon_threadsafe(callback, *args)
+    except MessagingError:
         log.warning("a message was settled or answered after its driver was cleaned up: nothing sent")
 
 
@@ -314,7 +314,6 @@ class _Listener(base.PollStyleListener):  # type: ignore[misc]  # oslo is untype
     ) -> None:
         super().__init__()
         self.driver = driver
-        self.loop = driver.transport.loop
         self._incoming = incoming
         self._inbox = _Inbox()
         self._subscriptions = _Subscriptions(
@@ -384,7 +383,7 @@ class _NotificationIncoming(base.IncomingMessage):  # type: ignore[misc]  # oslo
 
     def __init__(self, listener: _Listener, decoded: wire.Incoming, message: IncomingMessage) -> None:
         super().__init__(decoded.context, decoded.body)
-        self.loop = listener.loop
+        self.transport = listener.driver.transport
         self.raw = message  # (`self.message` is oslo's: the decoded body)
         self._settled = False
 
@@ -397,7 +396,7 @@ class _NotificationIncoming(base.IncomingMessage):  # type: ignore[misc]  # oslo
     def _settle(self, how: Callable[[], None]) -> None:
         if not self._settled:
             self._settled = True
-            _call_soon(self.loop, how)
+            _call_soon(self.transport, how)
 
 
 class _RpcIncoming(base.RpcIncomingMessage):  # type: ignore[misc]  # oslo is untyped
@@ -406,7 +405,6 @@ class _RpcIncoming(base.RpcIncomingMessage):  # type: ignore[misc]  # oslo is un
     def __init__(self, listener: _Listener, decoded: wire.Incoming, message: IncomingMessage) -> None:
         super().__init__(decoded.context, decoded.body, decoded.message_id)
         self.client_timeout = decoded.call_monitor_timeout  # oslo's server then calls heartbeat()
-        self.loop = listener.loop
         self.transport = listener.driver.transport
         self.raw = message  # (`self.message` is oslo's: the decoded body)
         self._reply_to = decoded.reply_to
@@ -416,18 +414,18 @@ class _RpcIncoming(base.RpcIncomingMessage):  # type: ignore[misc]  # oslo is un
     def acknowledge(self) -> None:
         if not self._acknowledged:
             self._acknowledged = True
-            _call_soon(self.loop, functools.partial(self.raw.accept, hold_credit=True))
+            _call_soon(self.transport, functools.partial(self.raw.accept, hold_credit=True))
 
     def requeue(self) -> None:
         if not self._acknowledged:
             self._acknowledged = self._answered = True
-            _call_soon(self.loop, self.raw.release)
+            _call_soon(self.transport, self.raw.release)
 
     def heartbeat(self) -> None:
         """Tell a caller that monitors its call that the server still works on it."""
         if self._reply_to and self._correlation_id and self.client_timeout and not self._answered:
             heartbeat = wire.encode_heartbeat(self._reply_to, self._correlation_id, ttl=self.client_timeout)
-            _call_soon(self.loop, self.transport.aio.reply, heartbeat)
+            _call_soon(self.transport, self.transport.aio.reply, heartbeat)
 
     def reply(self, reply: Any = None, failure: Any = None) -> None:
         if self._answered:
@@ -443,7 +441,7 @@ class _RpcIncoming(base.RpcIncomingMessage):  # type: ignore[misc]  # oslo is un
                 payload = wire.encode_reply(self._reply_to, self._correlation_id, failure=serialized)
             else:
                 payload = wire.encode_reply(self._reply_to, self._correlation_id, result=reply)
-        _call_soon(self.loop, self._replied, payload)
+        _call_soon(self.transport, self._replied, payload)
 
     def _replied(self, payload: bytes | None) -> None:
         """On the I/O thread: send the reply, give the request's credit back."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import logging
 import os
 import select
 import sys
@@ -27,8 +26,6 @@ from types import ModuleType
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
-
-log = logging.getLogger("meshbus.messaging")
 
 
 def active() -> bool:
@@ -228,100 +225,11 @@ def _work(
         future.set_result(result)
 
 
-class WorkerPool(concurrent.futures.Executor):
-    """Up to `max_workers` threads of the library's own running plain functions for an event loop: `run`
-    hands each result back through `call_soon` (the loop's thread-safe way in). Made for a server's
-    requests, one job each: jobs wait in a deque and an idle worker sleeps on a `Wakeup` of its own, so a
-    job costs no future, no condition and no lock released with the GIL held (ThreadPoolExecutor's)."""
-
-    def __init__(self, max_workers: int, thread_name: str, call_soon: Callable[..., None]) -> None:
-        if max_workers < 1:
-            raise ValueError(f"a worker pool needs at least one worker, not {max_workers}")
-        self._max_workers = max_workers
-        self._thread_name = thread_name
-        self._call_soon = call_soon
-        self._lock = threading.Lock()  # guards the three below; never held while waking or working
-        self._jobs: deque[tuple[Callable[[], Any], Callable[[Any], None] | None]] = deque()
-        self._idle: list[Wakeup] = []
-        self._threads: list[threading.Thread] = []
-        self._closed = False
-
-    def run(self, work: Callable[[], T], then: Callable[[T], None]) -> None:
-        """`work()` in a worker, then `then(its result)` through `call_soon`. `work` must not raise: what it
-        raises is logged, and `then` is not called."""
-        self._add(work, then)
-
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def work() -> None:
-            if not future.set_running_or_notify_cancel():
-                return
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as error:  # as concurrent.futures' workers: the future carries it
-                future.set_exception(error)
-
-        self._add(work, None)
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Take no more jobs; the workers finish the ones queued, then end."""
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for wakeup in idle:
-            wakeup.wake()
-        if wait:
-            for thread in self._threads:
-                thread.join()
-
-    def _add(self, work: Callable[[], Any], then: Callable[[Any], None] | None) -> None:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("cannot run more work: the server's worker pool is shut down")
-            self._jobs.append((work, then))
-            idle = self._idle.pop() if self._idle else None
-            start = idle is None and len(self._threads) < self._max_workers
-            if start:
-                name = f"{self._thread_name}_{len(self._threads)}"
-                thread = threading.Thread(target=self._work, name=name, daemon=True)
-                self._threads.append(thread)
-        if idle is not None:
-            idle.wake()
-        elif start:
-            thread.start()
-
-    def _work(self) -> None:
-        yield_on_wakeup()
-        wakeup = Wakeup()
-        jobs = self._jobs
-        while True:
-            with self._lock:
-                job = jobs.popleft() if jobs else None
-                if job is None:
-                    if self._closed:
-                        break
-                    self._idle.append(wakeup)
-            if job is None:
-                wakeup.wait()
-                continue
-            work, then = job
-            try:
-                result = work()
-            except BaseException:
-                log.exception("a job of the worker pool %s raised", self._thread_name)
-                continue
-            if then is not None:
-                self._call_soon(then, result)
-        wakeup.close()
-
-
-def executor(
-    max_workers: int, thread_name: str, call_soon: Callable[..., None]
-) -> concurrent.futures.Executor:
-    """Where a blocking server runs its endpoints' plain methods: green threads under eventlet, else a
-    `WorkerPool` of `max_workers` threads named after `thread_name`, handing results back by `call_soon`."""
+def executor(max_workers: int, thread_name: str) -> concurrent.futures.Executor:
+    """Where a blocking server runs its endpoints' plain methods: green threads under eventlet, else a pool
+    of `max_workers` threads of the library's own named after `thread_name`."""
     if active():
         return GreenExecutor(max_workers)
-    return WorkerPool(max_workers, thread_name, call_soon)
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers, thread_name_prefix=thread_name, initializer=yield_on_wakeup
+    )

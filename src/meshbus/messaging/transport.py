@@ -404,10 +404,9 @@ class Transport:
         return waiter.wait()
 
     def call_soon_threadsafe(self, callback: Callable[..., None], *args: Any) -> None:
-        """Call `callback(*args)` on the transport's loop, from any thread. Every blocking call and every
-        result of a server's worker comes through here. Not the loop's own call_soon_threadsafe: its wake-up
-        write holds the GIL (see green.Wakeup). One wake for all that is queued until the loop looks.
-        Raises `MessagingError` once the transport is closed."""
+        """Call `callback(*args)` on the transport's loop, from any thread (every blocking call comes through
+        here). Not the loop's own call_soon_threadsafe: its wake-up write holds the GIL (see green.Wakeup).
+        One wake for all that is queued until the loop looks. Raises `MessagingError` once closed."""
         if self._inbox_wakeup.fd < 0:
             raise MessagingError("the transport is closed")
         self._inbox.append((callback, args))
@@ -550,9 +549,6 @@ class AsyncService:
         asyncio.get_running_loop().call_soon(self._start_worker, work, then)
 
     def _start_worker(self, work: Callable[[], R], then: Callable[[R], None]) -> None:
-        if isinstance(self.executor, green.WorkerPool):
-            self.executor.run(work, functools.partial(self._after_pool, then))
-            return
         if self.executor is None:
             self.executor = concurrent.futures.ThreadPoolExecutor(
                 thread_name_prefix="meshbus-worker", initializer=green.yield_on_wakeup
@@ -564,12 +560,6 @@ class AsyncService:
     def _after_worker(self, then: Callable[[R], None], done: concurrent.futures.Future[R]) -> None:
         try:
             then(done.result())
-        finally:
-            self.end()
-
-    def _after_pool(self, then: Callable[[R], None], result: R) -> None:
-        try:
-            then(result)
         finally:
             self.end()
 
@@ -589,7 +579,7 @@ class BlockingService:
 
     def __init__(self, transport: Transport, max_workers: int, thread_name: str) -> None:
         self.transport = transport
-        self.executor = green.executor(max_workers, thread_name, transport.call_soon_threadsafe)
+        self.executor = green.executor(max_workers, thread_name)
 
     def start(self) -> None:
         self.transport.run(self.aio.start())

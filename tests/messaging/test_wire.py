@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -129,6 +130,27 @@ def test_a_request_round_trips() -> None:
     message.decode(payload)
     assert (message.address, message.ttl) == ("openstack.org/om/rpc/anycast/openstack/t", 2.5)
     assert isinstance(message.body, str), "the oslo driver's bodies are AMQP strings of JSON"
+
+
+@pytest.mark.parametrize(
+    ("message_id", "text"),
+    [
+        (7, "7"),
+        (uuid.UUID("12345678-1234-5678-1234-567812345678"), "12345678-1234-5678-1234-567812345678"),
+        (b"raw-id", "raw-id"),
+        ("text-id", "text-id"),
+    ],
+    ids=["ulong", "uuid", "binary", "string"],
+)
+def test_another_clients_message_id_of_any_type_reads_as_text(message_id: Any, text: str) -> None:
+    """Another AMQP 1.0 client may number its requests or use uuids; a reply then carries the id as text."""
+    message = Message(body=json.dumps({"request": {"method": "m"}, "context": {}}))
+    message.id = message.correlation_id = message_id
+    message.reply_to = "its/replies"
+    payload = message.encode()
+    incoming = wire.decode_request(payload)
+    assert (incoming.message_id, incoming.reply_to) == (text, "its/replies")
+    assert wire.decode_reply(payload)[0] == text
 
 
 def test_a_cast_has_no_reply_address_nor_id() -> None:

@@ -110,7 +110,8 @@ def encode_request(
 
 
 def decode_request(payload: bytes) -> Incoming:
-    data, message_id, reply_to, _ = _CODEC.decode(payload)
+    data = _CODEC.decode(payload)
+    message_id, reply_to = _CODEC.message_id(), _CODEC.reply_to()
     if data is None:
         raise ValueError("the message has no body")
     request = data.get("request") or {}
@@ -135,8 +136,8 @@ def encode_heartbeat(to: str, correlation_id: str, ttl: float) -> bytes:
 
 def decode_reply(payload: bytes) -> tuple[str | None, dict[str, Any] | None]:
     """A reply's correlation id and JSON body (None: a heartbeat)."""
-    data, _, _, correlation_id = _CODEC.decode(payload)
-    return correlation_id, data
+    data = _CODEC.decode(payload)
+    return _CODEC.correlation_id(), data
 
 
 class _Codec(threading.local):
@@ -185,8 +186,9 @@ class _Codec(threading.local):
             self.size *= 2
             self.buffer = ffi.new("char[]", self.size)
 
-    def decode(self, payload: bytes) -> tuple[dict[str, Any] | None, str | None, str | None, str | None]:
-        """The JSON body (None if it has none), message id, reply-to and correlation id of a message."""
+    def decode(self, payload: bytes) -> dict[str, Any] | None:
+        """The JSON body of a message (None if it has none); its other fields are read from the codec
+        until the next message is decoded (each read is a few proton calls: only the ones needed)."""
         message = self.message
         lib.pn_message_clear(message)
         if lib.pn_message_decode(message, ffi.from_buffer(payload), len(payload)) < 0:
@@ -194,21 +196,25 @@ class _Codec(threading.local):
         body = lib.pn_message_body(message)
         lib.pn_data_rewind(body)
         kind = lib.pn_data_type(body) if lib.pn_data_next(body) else lib.PN_NULL
-        data = None
-        if kind != lib.PN_NULL:
-            if kind not in (lib.PN_STRING, lib.PN_BINARY):
-                raise ValueError("the message body is not JSON text")
-            raw = lib.pn_data_get_string(body) if kind == lib.PN_STRING else lib.pn_data_get_binary(body)
-            data = json.loads(ffi.buffer(raw.start, raw.size)[:])
-            if not isinstance(data, dict):
-                raise ValueError("the message body is JSON but not an object")
-        reply_to = lib.pn_message_get_reply_to(message)
-        return (
-            data,
-            _text(msgid2py(lib.pn_message_get_id(message))),
-            ffi.string(reply_to).decode() if reply_to else None,
-            _text(msgid2py(lib.pn_message_get_correlation_id(message))),
-        )
+        if kind == lib.PN_NULL:
+            return None
+        if kind not in (lib.PN_STRING, lib.PN_BINARY):
+            raise ValueError("the message body is not JSON text")
+        raw = lib.pn_data_get_string(body) if kind == lib.PN_STRING else lib.pn_data_get_binary(body)
+        data = json.loads(ffi.buffer(raw.start, raw.size)[:])
+        if not isinstance(data, dict):
+            raise ValueError("the message body is JSON but not an object")
+        return data
+
+    def message_id(self) -> str | None:
+        return _id_text(lib.pn_message_get_id(self.message))
+
+    def correlation_id(self) -> str | None:
+        return _id_text(lib.pn_message_get_correlation_id(self.message))
+
+    def reply_to(self) -> str | None:
+        reply_to = lib.pn_message_get_reply_to(self.message)
+        return ffi.string(reply_to).decode() if reply_to else None
 
 
 def _string_id(value: str) -> dict[str, Any]:
@@ -217,8 +223,15 @@ def _string_id(value: str) -> dict[str, Any]:
     return {"type": lib.PN_STRING, "u": {"as_bytes": (len(raw), ffi.from_buffer(raw))}}
 
 
-def _text(value: Any) -> str | None:
-    return None if value is None else str(value)
+def _id_text(value: Any) -> str | None:
+    """A message or correlation id as text: ours are strings (read here directly: proton's msgid2py costs
+    as much as the rest of a reply's decoding); another AMQP client's may be a number, a uuid, or binary
+    (read as UTF-8)."""
+    if value.type in (lib.PN_STRING, lib.PN_BINARY):
+        raw: bytes = ffi.unpack(value.u.as_bytes.start, value.u.as_bytes.size)
+        return raw.decode("utf-8", "backslashreplace")
+    converted = msgid2py(value)
+    return None if converted is None else str(converted)
 
 
 _CODEC = _Codec()

@@ -26,6 +26,7 @@ from meshbus.messaging import (
     Target,
     wire,
 )
+from meshbus.messaging.transport import _Waiter
 from tests.conftest import Config, Router
 from tests.messaging.conftest import WAIT, Api, AsyncioApi, BlockingApi, url_of
 from tests.messaging.test_rpc import Service, serve
@@ -91,6 +92,26 @@ def test_the_librarys_own_threads_wait_their_turn_when_woken(blocking: BlockingA
         assert thread.native_id is not None
         assert os.sched_getscheduler(thread.native_id) == os.SCHED_BATCH, thread.name
     assert os.sched_getscheduler(0) == os.SCHED_OTHER, "the caller's thread is the application's"
+
+
+def test_a_forked_child_waits_on_wake_ups_of_its_own(blocking: BlockingApi, topic: str) -> None:
+    """Services fork workers: a child sharing its parent's eventfd could read a wake meant for the parent."""
+    serve(blocking, topic)
+    client = blocking.client(blocking.transport(), Target(topic=topic))
+    assert client.call({}, "echo", value=1) == 1  # this thread has its wake-up now
+    parents = _Waiter[Any]()._wakeup
+    assert _Waiter[Any]()._wakeup is parents, "one wake-up per thread"
+    readable, writable = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer, and leave at once
+        os.write(writable, b"own" if _Waiter[Any]()._wakeup is not parents else b"shared")
+        os._exit(0)
+    os.close(writable)
+    try:
+        assert os.read(readable, 16) == b"own"
+    finally:
+        os.close(readable)
+        os.waitpid(pid, 0)
 
 
 def test_a_closed_blocking_transport_says_so(blocking: BlockingApi, topic: str) -> None:

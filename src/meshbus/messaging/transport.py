@@ -17,6 +17,7 @@ import concurrent.futures
 import functools
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -341,6 +342,15 @@ def _detail(outcome: Outcome) -> str:
 
 
 _wakeups = threading.local()  # each thread's green.Wakeup, for its blocking calls
+
+
+def _forget_wakeups() -> None:
+    # A forked child shares its parent's eventfds: a wake meant for the one could be read by the other.
+    global _wakeups
+    _wakeups = threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_wakeups)
 
 
 class _Waiter(Generic[T]):

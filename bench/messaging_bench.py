@@ -15,7 +15,7 @@ Systems:
   asyncio       its asyncio API: AsyncRPCClient, AsyncRPCServer... (coroutine endpoints) on uvloop
   oslo_meshbus  oslo.messaging with the meshbus plugin (transport_url meshbus://...)
 
-Run: .venv/bin/python bench/messaging_bench.py [--quick] [--only meshbus|rabbit]
+Run: .venv/bin/python bench/messaging_bench.py [--quick] [--only meshbus|rabbit] [--repeat N]
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ class Settings:
     idle_servers: int
     nobody_timeout: float  # the call time-out while calling a topic nobody serves
     only: str | None  # "meshbus" or "rabbit"
+    repeat: int  # runs of each load figure, its median reported: this VM's figures move by a quarter
 
     def systems(self) -> list[System]:
         if self.only is None:
@@ -635,12 +636,20 @@ class Figures:
     def __init__(self) -> None:
         self.values: dict[str, float] = {}
 
-    def add(self, system: System, name: str, value: float, unit: str, peer_name: str | None = None) -> None:
+    def add(
+        self,
+        system: System,
+        name: str,
+        value: float,
+        unit: str,
+        peer_name: str | None = None,
+        runs: Sequence[float] = (),
+    ) -> None:
         self.values[name] = value
         peer = None
         if system is not RABBIT and peer_name is not None:
             peer = self.values.get(peer_name)
-        report(Figure(name, value, unit, "rabbit" if peer is not None else None, peer))
+        report(Figure(name, value, unit, "rabbit" if peer is not None else None, peer, runs))
 
 
 def measure(system: System, settings: Settings, figures: Figures) -> None:
@@ -648,9 +657,8 @@ def measure(system: System, settings: Settings, figures: Figures) -> None:
     with broker_for(system) as broker, serving(f"{system.key} server", 120, serve, system.key, broker.url):
         for kind in ("calls", "casts", "notifications"):
             for concurrency in system.concurrency:
-                measure_load(
-                    system, broker, Job(kind, concurrency, settings.seconds, settings.warmup), figures
-                )
+                job = Job(kind, concurrency, settings.seconds, settings.warmup)
+                measure_load(system, broker, job, figures, settings.repeat)
         measure_nobody(system, broker, settings.nobody_timeout, figures)
     if system.key == "asyncio":
         return  # the router sees the same connections and links from the asyncio API as from the blocking one
@@ -661,13 +669,18 @@ def measure(system: System, settings: Settings, figures: Figures) -> None:
     figures.add(system, f"{system.key}_{name}", per_server, "KiB", f"rabbit_{name}")
 
 
-def measure_load(system: System, broker: Broker, job: Job, figures: Figures) -> None:
+def measure_load(system: System, broker: Broker, job: Job, figures: Figures, repeat: int) -> None:
+    """One figure: the run of median rate of `repeat` (each in a client process of its own)."""
     timeout = 2 * (job.seconds + job.warmup) + DRAIN_TIMEOUT + 60
-    rates = in_child(f"{system.key} client", timeout, measure_rate, system.key, broker.url, job)
+    runs = [
+        in_child(f"{system.key} client", timeout, measure_rate, system.key, broker.url, job)
+        for _ in range(repeat)
+    ]
+    rates = sorted(runs, key=lambda run: run.rate)[len(runs) // 2]
     name = system.name(job.kind, job.concurrency)
     # The asyncio API's 100 tasks are compared with the rabbit driver's 16 threads (its goal figure).
     peer = RABBIT.name(job.kind, min(job.concurrency, GOAL_CONCURRENCY))
-    figures.add(system, name, rates.rate, f"{job.kind}/s", peer)
+    figures.add(system, name, rates.rate, f"{job.kind}/s", peer, [run.rate for run in runs])
     if job.kind == "calls":
         figures.add(system, f"{name}_p50", rates.p50_ms, "ms", f"{peer}_p50")
         figures.add(system, f"{name}_p99", rates.p99_ms, "ms", f"{peer}_p99")
@@ -742,6 +755,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument(
         "--idle-servers", type=int, help="idle RPC servers for the memory figure (default 100)"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each load figure; the median is reported (default 1)"
+    )
     args = parser.parse_args(argv)
     quick = bool(args.quick)
     return Settings(
@@ -751,6 +767,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         # The rabbit driver waits out the time-out: 10 s as the issue measured it, 2 s in a smoke run.
         nobody_timeout=2.0 if quick else 10.0,
         only=args.only,
+        repeat=max(args.repeat, 1),
     )
 
 

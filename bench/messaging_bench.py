@@ -186,12 +186,12 @@ def in_child(name: str, timeout: float, function: Callable[..., Any], *args: Any
 
 
 @contextlib.contextmanager
-def serving(name: str, timeout: float, function: Callable[..., Any], *args: Any) -> Iterator[None]:
+def serving(name: str, timeout: float, function: Callable[..., Any], *args: Any) -> Iterator[Worker]:
     """`function(control, *args)` in a process of its own, from its `control.ready()` to the block's end."""
     worker = Worker(name, function, *args)
     try:
         worker.receive("ready", timeout)
-        yield
+        yield worker
     finally:
         worker.stop()
 

@@ -442,11 +442,6 @@ class Transport:
         task.add_done_callback(waiter.done)
         task.add_done_callback(self._tasks.discard)
 
-    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Run `coroutine` on the transport's loop; its future. Under eventlet, wait with `run` instead: a
-        green thread blocked in this future's `result()` is never woken."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-
     def close(self) -> None:
         """Close the connection and stop the I/O thread."""
         if not self._thread.is_alive():

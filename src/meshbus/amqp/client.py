@@ -468,6 +468,9 @@ class ClientConnection:
         waiter = self._opened_waiter
         if not waiter.done():
             waiter.set_exception(error)
+            # Marked retrieved: its connect attempt may be gone (timed out, the connection closed), and the
+            # error would be logged as never retrieved when the future is collected.
+            waiter.exception()
 
     def _flush_soon(self) -> None:
         if not self._flush_scheduled:

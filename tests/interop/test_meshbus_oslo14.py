@@ -23,6 +23,7 @@ import pytest
 from meshbus.messaging import (
     AsyncRPCClient,
     AsyncTransport,
+    MessageUndeliverable,
     MessagingTimeout,
     NotificationListener,
     Notifier,
@@ -295,6 +296,23 @@ def printed_by_any(servers: dict[str, Peer], **fields: Any) -> tuple[str, dict[s
                 return name, line
         time.sleep(0.05)
     raise AssertionError(f"no server printed {fields}: {[server.describe() for server in servers.values()]}")
+
+
+def test_a_virtual_host_is_the_namespace_of_the_oslo_drivers_pseudo_vhost(
+    start: Start, _shared_router: Router
+) -> None:
+    """oslo 14's AMQP 1.0 driver puts a URL's virtual host into its addresses (pseudo_vhost, its default);
+    meshbus does the same with the same URL, and without it reaches nothing of that virtual host."""
+    tenant = url(_shared_router) + "tenant-a"
+    server = start(tenant, "server", "--topic", "mb-vhost", "--server", "v1")
+    try:
+        printed(server, ready=True)
+        with Transport(tenant) as transport:
+            assert RPCClient(transport, Target(topic="mb-vhost"), timeout=WAIT).call({}, "echo", value=1) == 1
+        with Transport(url(_shared_router)) as elsewhere, pytest.raises(MessageUndeliverable):
+            RPCClient(elsewhere, Target(topic="mb-vhost"), timeout=WAIT).call({}, "echo", value=2)
+    finally:
+        server.finish()
 
 
 def test_meshbus_call_returns_the_oslo_servers_value(

@@ -367,3 +367,11 @@ def test_a_listener_stopped_mid_work_still_acknowledges_what_it_took(api: Api, t
     sent.join(WAIT)
     assert outcome == ["taken"]  # the notifier got its acceptance: no resend, no MessageUndeliverable
     assert endpoint.calls == 1
+
+
+def test_notifications_of_a_virtual_host_reach_its_listeners(api: Api, topic: str) -> None:
+    tenant_a = api.url + "tenant-a"
+    endpoint = InfoOnly()
+    api.listener(api.transport(tenant_a), [Target(topic=topic)], [endpoint])
+    api.notifier(api.transport(tenant_a), "p", topics=[topic]).info({}, "e", {"n": 1})
+    assert endpoint.inbox.wait_for(1) == [{"n": 1}]

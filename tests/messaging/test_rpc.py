@@ -412,3 +412,13 @@ def test_nobody_serving_a_named_server_fails_at_once(api: Api, topic: str) -> No
     with pytest.raises(MessageUndeliverable) as undeliverable:
         client.call({}, "whoami")
     assert undeliverable.value.address == wire.rpc_address(Target(topic=topic, server="s2"))
+
+
+def test_a_virtual_host_is_a_namespace_of_its_own(api: Api, topic: str) -> None:
+    tenant_a = api.url + "tenant-a"
+    api.server(api.transport(tenant_a), Target(topic=topic, server="s"), [Service("in tenant-a")])
+    assert api.client(api.transport(tenant_a), Target(topic=topic)).call({}, "echo", value=1) == 1
+    for elsewhere in (api.url, api.url + "tenant-b"):
+        client = api.client(api.transport(elsewhere), Target(topic=topic), timeout=30.0)
+        with pytest.raises(MessageUndeliverable):
+            client.call({}, "echo", value=2)

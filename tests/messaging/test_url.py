@@ -48,6 +48,20 @@ def test_defaults_and_address_forms(url: str, host: Host) -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "virtual_host"),
+    [
+        ("meshbus://router1/", None),
+        ("meshbus://router1", None),
+        ("meshbus://router1/nova", "nova"),
+        ("meshbus://a:1,b:2/nova/?idle_timeout=2", "nova"),
+        ("amqp://router1/tenant%2Fa?idle_timeout=2", "tenant/a"),
+    ],
+)
+def test_the_path_is_the_virtual_host(url: str, virtual_host: str | None) -> None:
+    assert TransportURL.parse(url).virtual_host == virtual_host
+
+
+@pytest.mark.parametrize(
     "url",
     [
         "meshbus://router1:5672/?idle_timeout=2.5&container_id=svc-1&reconnect_delay=0.1",

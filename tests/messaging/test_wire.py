@@ -114,6 +114,17 @@ def test_target_replace_changes_only_given_fields() -> None:
 # -- messages -----------------------------------------------------------------------------------------------
 
 
+def test_a_virtual_host_comes_before_the_exchange_as_the_oslo_amqp1_drivers_pseudo_vhost() -> None:
+    server = Target(exchange="ex", topic="t", server="s")
+    assert wire.server_addresses(server, vhost="my-vhost") == [
+        "openstack.org/om/rpc/unicast/my-vhost/ex/t/s",
+        "openstack.org/om/rpc/anycast/my-vhost/ex/t",
+        "openstack.org/om/rpc/multicast/my-vhost/ex/t",
+    ]
+    notify = wire.notify_address(Target(topic="t"), "INFO", "exchange", vhost="my-vhost")
+    assert notify == "openstack.org/om/notify/anycast/my-vhost/exchange/t.info"
+
+
 def test_a_request_round_trips() -> None:
     request = {"method": "echo", "args": {"text": "héllo", "n": [1, 2.5, None, True]}, "version": "1.1"}
     payload = wire.encode_request(

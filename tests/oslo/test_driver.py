@@ -340,6 +340,17 @@ def test_the_transport_fails_over_to_the_next_host(oslo: Oslo, topic: str, defau
     assert client(transport, topic).call({}, "echo", text="x")["server"] == "s0"
 
 
+def test_the_virtual_host_in_the_url_is_a_namespace_of_its_own(
+    oslo: Oslo, topic: str, default_router: Router
+) -> None:
+    base = f"meshbus://{default_router.host}:{default_router.port}/"
+    oslo.server(oslo.rpc_transport(base + "nova"), rpc_target(topic, "s0"), [Service("s0")])
+
+    assert client(oslo.rpc_transport(base + "nova"), topic).call({}, "echo", text="x")["server"] == "s0"
+    with pytest.raises(oslo_messaging.MessageDeliveryFailure, match="anycast/cinder/"):
+        client(oslo.rpc_transport(base + "cinder"), topic, timeout=30).call({}, "echo", text="x")
+
+
 def test_credentials_in_the_url_log_in_with_sasl_plain(
     oslo: Oslo, topic: str, router: Callable[[Any], Router], tmp_path: Path
 ) -> None:

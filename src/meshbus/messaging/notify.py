@@ -128,7 +128,7 @@ class AsyncNotifier(_PriorityMethods[Coroutine[Any, Any, None]]):
         }
         context = self.serializer.serialize_context(ctxt)
         for target in self.targets:
-            address = wire.notify_address(target, priority, self.transport.default_exchange)
+            address = self.transport.notify_address(target, priority)
             encoded = wire.encode_request(address, notification, context, envelope=True)
             await self.transport.cast(
                 address,
@@ -269,7 +269,7 @@ class AsyncNotificationListener(AsyncService):
     def subscriptions(self) -> list[Subscription]:
         return [
             Subscription(
-                wire.notify_address(target, priority, self.transport.default_exchange),
+                self.transport.notify_address(target, priority),
                 functools.partial(self._on_notification, priority),
                 self.credit,
                 self.pool,

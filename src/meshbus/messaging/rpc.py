@@ -168,7 +168,7 @@ class AsyncRPCClient:
     async def call(self, ctxt: Any, method: str, **kwargs: Any) -> Any:
         if self.target.fanout:
             raise InvalidTarget(f"a call cannot go to every server (fanout): cast it instead ({self.target})")
-        address = wire.rpc_address(self.target, self.transport.default_exchange)
+        address = self.transport.rpc_address(self.target)
         body = await self.transport.call(
             address,
             self._request(ctxt, method, kwargs),
@@ -183,7 +183,7 @@ class AsyncRPCClient:
         return self.serializer.deserialize_entity(ctxt, body.get("response"))
 
     async def cast(self, ctxt: Any, method: str, **kwargs: Any) -> None:
-        address = wire.rpc_address(self.target, self.transport.default_exchange)
+        address = self.transport.rpc_address(self.target)
         payload = wire.encode_request(address, self._request(ctxt, method, kwargs), self._context(ctxt))
         await self.transport.cast(
             address, payload, at_least_once=self.at_least_once, timeout=self.timeout, retry=self.retry
@@ -296,7 +296,7 @@ class AsyncRPCServer(AsyncService):
         self.dispatcher = Dispatcher(endpoints)
         self.serializer = serializer or Serializer()
         self.max_in_progress = max_in_progress
-        self.addresses = wire.server_addresses(target, transport.default_exchange)
+        self.addresses = transport.server_addresses(target)
 
     def subscriptions(self) -> list[Subscription]:
         return [Subscription(address, self._on_request, self.max_in_progress) for address in self.addresses]

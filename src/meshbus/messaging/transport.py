@@ -47,6 +47,7 @@ from meshbus.messaging.exceptions import (
     MessagingError,
     MessagingTimeout,
 )
+from meshbus.messaging.target import Target
 
 log = logging.getLogger("meshbus.messaging")
 
@@ -73,14 +74,17 @@ REPLY_RESENDS: Final = 6
 
 @dataclass(slots=True)
 class TransportURL:
-    """`meshbus://[user:pass@]host[:port][,[user:pass@]host[:port]]...[/][?option=value&...]`.
+    """`meshbus://[user:pass@]host[:port][,[user:pass@]host[:port]]...[/virtual_host][?option=value&...]`.
 
-    Hosts are tried in turn (fail-over). Options: `idle_timeout` (s), `reconnect_delay` (s),
+    Hosts are tried in turn (fail-over). A virtual host is a namespace of its own: it is part of every
+    address, as the oslo.messaging AMQP 1.0 driver's `pseudo_vhost` makes them, so that services on that
+    driver with the same virtual host meet these. Options: `idle_timeout` (s), `reconnect_delay` (s),
     `max_reconnect_delay` (s), `sender_idle_timeout` (s), `container_id`.
     """
 
     hosts: list[Host]
     options: dict[str, str] = field(default_factory=dict)
+    virtual_host: str | None = None
 
     @classmethod
     def parse(cls, url: str) -> TransportURL:
@@ -89,7 +93,8 @@ class TransportURL:
             raise ValueError(f"transport URL {url!r}: expected meshbus://host:port/ (or amqp://)")
         netloc, _, tail = rest.partition("/")
         netloc, _, query = netloc.partition("?")
-        query = query or tail.partition("?")[2]
+        path, _, tail_query = tail.partition("?")
+        query = query or tail_query
         hosts: list[Host] = []
         user = password = None
         for part in filter(None, netloc.split(",")):
@@ -101,7 +106,7 @@ class TransportURL:
             hosts.append(Host(host, port, user, password))
         if not hosts:
             hosts.append(Host("127.0.0.1", DEFAULT_PORT))
-        return cls(hosts, dict(parse_qsl(query)))
+        return cls(hosts, dict(parse_qsl(query)), unquote(path.strip("/")) or None)
 
     def connection_options(self) -> Options:
         options = Options()
@@ -165,6 +170,7 @@ class AsyncTransport:
         parsed = TransportURL.parse(url)
         self.url = url
         self.default_exchange = default_exchange or wire.DEFAULT_EXCHANGE
+        self.virtual_host = parsed.virtual_host
         self.connection = ClientConnection(parsed.hosts, parsed.connection_options())
         self.connection.on_lost.append(self._connection_lost)
         self._calls: dict[str, _PendingCall] = {}
@@ -173,6 +179,17 @@ class AsyncTransport:
         self._ids = itertools.count()
         self._replies: Receiver | None = None
         self._closed = False
+
+    # -- addresses: of this transport's default exchange and virtual host ----------------------------------
+
+    def rpc_address(self, target: Target) -> str:
+        return wire.rpc_address(target, self.default_exchange, self.virtual_host)
+
+    def server_addresses(self, target: Target) -> list[str]:
+        return wire.server_addresses(target, self.default_exchange, self.virtual_host)
+
+    def notify_address(self, target: Target, priority: str) -> str:
+        return wire.notify_address(target, priority, self.default_exchange, self.virtual_host)
 
     async def close(self) -> None:
         self._closed = True

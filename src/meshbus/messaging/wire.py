@@ -37,36 +37,45 @@ _ENVELOPE_VERSION: Final = "2.0"
 # -- addresses ---------------------------------------------------------------------------------------------
 
 
-def rpc_address(target: Target, default_exchange: str = DEFAULT_EXCHANGE) -> str:
-    """Where a request to `target` goes: every server of the topic (fanout), one named server, or any."""
+def rpc_address(target: Target, default_exchange: str = DEFAULT_EXCHANGE, vhost: str | None = None) -> str:
+    """Where a request to `target` goes: every server of the topic (fanout), one named server, or any.
+    A virtual host, as the oslo AMQP 1.0 driver's pseudo_vhost, comes before the exchange."""
     if not target.topic:
         raise InvalidTarget(f"a target needs a topic to send to: {target}")
-    exchange = target.exchange or default_exchange
+    scope = _scope(target.exchange or default_exchange, vhost)
     if target.fanout:
-        return f"{RPC_PREFIX}/multicast/{exchange}/{target.topic}"
+        return f"{RPC_PREFIX}/multicast/{scope}/{target.topic}"
     if target.server:
-        return f"{RPC_PREFIX}/unicast/{exchange}/{target.topic}/{target.server}"
-    return f"{RPC_PREFIX}/anycast/{exchange}/{target.topic}"
+        return f"{RPC_PREFIX}/unicast/{scope}/{target.topic}/{target.server}"
+    return f"{RPC_PREFIX}/anycast/{scope}/{target.topic}"
 
 
-def server_addresses(target: Target, default_exchange: str = DEFAULT_EXCHANGE) -> list[str]:
+def server_addresses(
+    target: Target, default_exchange: str = DEFAULT_EXCHANGE, vhost: str | None = None
+) -> list[str]:
     """The three addresses an RPC server listens on: its own, its topic's anycast, its topic's fanout."""
     if not target.topic or not target.server:
         raise InvalidTarget(f"an RPC server's target needs a topic and a server name: {target}")
     topic = Target(exchange=target.exchange, topic=target.topic)
     return [
-        rpc_address(topic.replace(server=target.server), default_exchange),
-        rpc_address(topic, default_exchange),
-        rpc_address(topic.replace(fanout=True), default_exchange),
+        rpc_address(topic.replace(server=target.server), default_exchange, vhost),
+        rpc_address(topic, default_exchange, vhost),
+        rpc_address(topic.replace(fanout=True), default_exchange, vhost),
     ]
 
 
-def notify_address(target: Target, priority: str, default_exchange: str = DEFAULT_EXCHANGE) -> str:
+def notify_address(
+    target: Target, priority: str, default_exchange: str = DEFAULT_EXCHANGE, vhost: str | None = None
+) -> str:
     """Where notifications of one priority on the target's topic go (listeners of the topic share them)."""
     if not target.topic:
         raise InvalidTarget(f"a notification target needs a topic: {target}")
-    exchange = target.exchange or default_exchange
-    return f"{NOTIFY_PREFIX}/anycast/{exchange}/{target.topic}.{priority.lower()}"
+    scope = _scope(target.exchange or default_exchange, vhost)
+    return f"{NOTIFY_PREFIX}/anycast/{scope}/{target.topic}.{priority.lower()}"
+
+
+def _scope(exchange: str, vhost: str | None) -> str:
+    return f"{vhost}/{exchange}" if vhost else exchange
 
 
 # -- messages ----------------------------------------------------------------------------------------------

@@ -90,10 +90,6 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
         self.transport = Transport(meshbus_url(url), default_exchange=default_exchange)
         self.closed = False
 
-    @property
-    def exchange(self) -> str:
-        return self.transport.aio.default_exchange
-
     def require_features(self, requeue: bool = False) -> None:
         """Requeue is supported (the message is released to the router)."""
 
@@ -113,7 +109,7 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
         """A call (the reply's result, or the remote exception raised) or a cast (once a server took it)."""
         destination = _target(target)
         with _oslo_errors(target):
-            address = wire.rpc_address(destination, self.exchange)
+            address = self.transport.aio.rpc_address(destination)
             if not wait_for_reply:
                 try:
                     self._cast(address, wire.encode_request(address, message, ctxt), retry)
@@ -145,7 +141,7 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
         topic, _, priority = (target.topic or "").rpartition(".")  # oslo sends to "<topic>.<priority>"
         with _oslo_errors(target):
             topic_target = Target(exchange=target.exchange, topic=topic)
-            address = wire.notify_address(topic_target, priority, self.exchange)
+            address = self.transport.aio.notify_address(topic_target, priority)
             self._cast(address, wire.encode_request(address, message, ctxt, envelope=version >= 2.0), retry)
 
     def _cast(self, address: str, payload: bytes, retry: int | None) -> None:
@@ -165,7 +161,7 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
     def listen(self, target: Any, batch_size: int, batch_timeout: float | None) -> Any:
         """An RPC server's listener: on the server's own address, its topic's and its topic's fanout."""
         with _oslo_errors(target):
-            addresses = wire.server_addresses(_target(target), self.exchange)
+            addresses = self.transport.aio.server_addresses(_target(target))
         listener = _Listener(
             self, addresses, _RpcIncoming, pool=None, credit=self.options.prefetch, target=target
         )
@@ -183,8 +179,8 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
         for target, priority in targets_and_priorities:
             with _oslo_errors(target):
                 addresses.append(
-                    wire.notify_address(
-                        Target(exchange=target.exchange, topic=target.topic), priority, self.exchange
+                    self.transport.aio.notify_address(
+                        Target(exchange=target.exchange, topic=target.topic), priority
                     )
                 )
         # A batch must fit in one link's credit, or it could never fill.
@@ -201,7 +197,8 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
 
 
 def meshbus_url(url: Any) -> str:
-    """oslo's parsed TransportURL as meshbus.messaging's: its hosts, credentials and query options."""
+    """oslo's parsed TransportURL as meshbus.messaging's: its hosts, credentials, virtual host and query
+    options."""
     netlocs = []
     for host in url.hosts:
         netloc = ""
@@ -211,7 +208,7 @@ def meshbus_url(url: Any) -> str:
         netloc += f"[{name}]" if ":" in name else name
         netlocs.append(f"{netloc}:{host.port or DEFAULT_PORT}")
     query = f"?{urlencode(url.query)}" if url.query else ""
-    return f"meshbus://{','.join(netlocs)}/{query}"
+    return f"meshbus://{','.join(netlocs)}/{quote(url.virtual_host or '', safe='')}{query}"
 
 
 def _target(target: Any) -> Target:

@@ -55,6 +55,8 @@ def test_defaults_and_address_forms(url: str, host: Host) -> None:
         ("meshbus://router1/nova", "nova"),
         ("meshbus://a:1,b:2/nova/?idle_timeout=2", "nova"),
         ("amqp://router1/tenant%2Fa?idle_timeout=2", "tenant/a"),
+        ("meshbus://router1//", None),
+        ("meshbus://router1/%2F", None),
     ],
 )
 def test_the_path_is_the_virtual_host(url: str, virtual_host: str | None) -> None:

@@ -106,7 +106,8 @@ class TransportURL:
             hosts.append(Host(host, port, user, password))
         if not hosts:
             hosts.append(Host("127.0.0.1", DEFAULT_PORT))
-        return cls(hosts, dict(parse_qsl(query)), unquote(path.strip("/")) or None)
+        # "/" (RabbitMQ's default virtual host, as in rabbit://host//) is the default here too: none.
+        return cls(hosts, dict(parse_qsl(query)), unquote(path).strip("/") or None)
 
     def connection_options(self) -> Options:
         options = Options()

@@ -1,5 +1,6 @@
 """What one operation costs each process: CPU and context switches per call (cast, notification) of the
-client, the server and the router, for meshbus.messaging's blocking and asyncio faces in every pairing.
+client, the server and the router, for meshbus.messaging's blocking and asyncio faces in every pairing (and,
+asked for, oslo.messaging with the meshbus plugin).
 
 Owns: a `meshbus router`, an RPC server (with its notification listener) and a load client, each in a process
 of its own and placed as messaging_bench.py places them (client and server on the first CPU, the router on
@@ -11,7 +12,7 @@ Where this VM's throughput moves by a quarter from minute to minute, cost per op
 `--rounds` interleaves the pairings so that each round compares them in the same minutes.
 
 Run: .venv/bin/python bench/cost_bench.py [--op calls|casts|notifications] [--concurrency 16]
-     [--client blocking|asyncio] [--server blocking|asyncio] [--seconds 4] [--rounds 1]
+     [--client blocking|asyncio|oslo_meshbus] [--server ...] [--seconds 4] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from pathlib import Path
 from messaging_bench import Control, Job, Worker, open_stack, serve, serving
 from router_bench import ROUTER, BenchError, Figure, report, router
 
-FACES = ("blocking", "asyncio")
+FACES = ("blocking", "asyncio")  # paired by default; oslo_meshbus (oslo.messaging with the plugin) on demand
+CHOICES = (*FACES, "oslo_meshbus")
 SAMPLE_EVERY = 0.02  # seconds between samples of the server's and the router's counters
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc's unit of CPU time
 
@@ -150,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--op", choices=["calls", "casts", "notifications"], default="calls")
     parser.add_argument("--concurrency", type=int, default=16, help="client threads (tasks); default 16")
-    parser.add_argument("--client", choices=FACES, help="only this client face (default: both)")
-    parser.add_argument("--server", choices=FACES, help="only this server face (default: both)")
+    parser.add_argument("--client", choices=CHOICES, help="only this client (default: both faces)")
+    parser.add_argument("--server", choices=CHOICES, help="only this server (default: both faces)")
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per pairing")
     parser.add_argument("--rounds", type=int, default=1, help="times each pairing runs, interleaved")
     args = parser.parse_args(argv)

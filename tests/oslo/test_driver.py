@@ -6,6 +6,7 @@ the test ends, and uses topics of its own on the session's shared router.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import threading
@@ -184,6 +185,15 @@ def test_call_returns_the_result_and_carries_the_context(oslo: Oslo, topic: str)
     result = client(transport, topic).call({"user": "alice"}, "echo", text="hello")
 
     assert result == {"text": "hello", "server": "s0", "user": "alice"}
+
+
+def test_the_thread_oslo_polls_the_driver_from_waits_its_turn_when_woken(oslo: Oslo, topic: str) -> None:
+    transport = oslo.rpc_transport()
+    server = oslo.server(transport, rpc_target(topic, "s0"), [Service("s0")])
+    assert client(transport, topic).call({}, "echo", text="x")["server"] == "s0"
+    poller = server.listener._listen_thread  # oslo's PollStyleListenerAdapter's, made for our listener
+    assert os.sched_getscheduler(poller.native_id) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER, "the caller's thread is the application's"
 
 
 def test_calls_to_a_topic_are_shared_and_a_named_server_gets_its_own(oslo: Oslo, topic: str) -> None:

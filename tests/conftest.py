@@ -18,9 +18,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -176,13 +176,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append((f"router {router.name} (pid {router.pid}) log", router.log(since)))
 
 
+class StartRouter(Protocol):
+    def __call__(self, config: Config, name: str | None = None) -> Router: ...
+
+
 @pytest.fixture
-def router(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[Config], Router]]:
-    """Start a router with this configuration (dict or TOML text); after the test, SIGTERM must exit it 0."""
+def router(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StartRouter]:
+    """Start a router with this configuration (dict or TOML text); after the test, SIGTERM must exit it 0.
+    `name`: a router's name again restarts it (the same store file); by default each router is new."""
     started: list[Router] = []
 
-    def start(config: Config) -> Router:
-        started_router = start_router(tmp_path, f"router{len(started)}", config)
+    def start(config: Config, name: str | None = None) -> Router:
+        started_router = start_router(tmp_path, name or f"router{len(started)}", config)
         started.append(started_router)
         _watch(request, started_router, 0)
         return started_router

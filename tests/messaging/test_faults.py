@@ -27,7 +27,7 @@ from meshbus.messaging import (
     Target,
     Transport,
 )
-from tests.conftest import Config, Router
+from tests.conftest import Config, Router, StartRouter
 from tests.messaging.peers import fail_over_url, free_port
 
 WAIT = 15.0  # seconds for anything that should happen within a reconnect or two
@@ -120,7 +120,7 @@ class Load:
 
 @pytest.mark.parametrize("kind", ["cast", "notification"])
 def test_a_router_killed_and_restarted_under_load_loses_nothing_acknowledged(
-    router: Callable[[Config], Router], opened: ExitStack, topic: str, kind: str
+    router: StartRouter, opened: ExitStack, topic: str, kind: str
 ) -> None:
     config = {"listener": [{"port": free_port()}]}  # the restarted router comes back on the same port
     first = router(config)
@@ -141,7 +141,7 @@ def test_a_router_killed_and_restarted_under_load_loses_nothing_acknowledged(
     try:
         load.wait_for(100)
         first.kill()
-        restarted = router(config)
+        restarted = router(config, name=first.name)  # the same router: it finds its store again
         load.wait_for(len(load.acknowledged) + 100)  # the client reconnected, the server re-attached
     finally:
         load.stop()

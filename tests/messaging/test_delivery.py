@@ -68,6 +68,27 @@ def test_100_concurrent_asyncio_calls_share_one_connection_and_one_reply_link(
     assert list(connection._senders) == [wire.rpc_address(Target(topic=topic))]
 
 
+def test_a_cancelled_asyncio_call_is_forgotten_and_its_late_reply_dropped(
+    aio: AsyncioApi, topic: str
+) -> None:
+    service = serve(aio, topic)
+    transport = aio.transport()
+
+    async def give_up_then_call() -> Any:
+        client = AsyncRPCClient(transport.aio, Target(topic=topic), timeout=WAIT)
+        held = asyncio.get_running_loop().create_task(client.call({}, "hold"))
+        await asyncio.sleep(0.2)  # the server took it and holds it
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        assert transport.aio._calls == {}, "a call given up is forgotten at once"
+        service.gate.set()  # its reply now comes back to nobody
+        service.inbox.wait_for(1)
+        return await client.call({}, "echo", value="after")
+
+    assert aio.run(give_up_then_call()) == "after"
+
+
 def test_16_threads_call_through_one_blocking_transport(blocking: BlockingApi, topic: str) -> None:
     serve(blocking, topic)
     transport = blocking.transport()

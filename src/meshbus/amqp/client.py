@@ -198,6 +198,17 @@ class Receiver:
         """Wait for the router to confirm the attach; the address it receives from."""
         return await asyncio.shield(self._ready)
 
+    def when_ready(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` once the router has confirmed the attach (or refused it: then `address` stays
+        None and this raises the refusal)."""
+        if self._ready.done():
+            error = self._ready.exception()
+            if error is not None:
+                raise error
+            callback()
+        else:
+            self._ready.add_done_callback(lambda _: callback())
+
     def pause(self) -> None:
         """Take no more messages: the router is asked to take back the credit (drain), and what arrives
         meanwhile is released at once. Messages already taken can still be settled until `close()`."""

@@ -118,6 +118,10 @@ class AsyncNotifier(_PriorityMethods[Coroutine[Any, Any, None]]):
         return prepared
 
     async def notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> None:
+        await self._start_notify(ctxt, event_type, payload, priority)
+
+    def _start_notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> asyncio.Future[Any]:
+        """On the loop: the notification sent to every topic at once; the future of all of them taken."""
         notification = {
             "message_id": str(uuid.uuid4()),
             "publisher_id": self.publisher_id,
@@ -127,16 +131,16 @@ class AsyncNotifier(_PriorityMethods[Coroutine[Any, Any, None]]):
             "timestamp": str(datetime.datetime.now(datetime.UTC).replace(tzinfo=None)),
         }
         context = self.serializer.serialize_context(ctxt)
+        sent = []
         for target in self.targets:
             address = self.transport.notify_address(target, priority)
             encoded = wire.encode_request(address, notification, context, envelope=True)
-            await self.transport.cast(
-                address,
-                encoded,
-                at_least_once=self.at_least_once,
-                timeout=self.timeout,
-                retry=self.retry,
+            sent.append(
+                self.transport.start_cast(
+                    address, encoded, at_least_once=self.at_least_once, timeout=self.timeout, retry=self.retry
+                )
             )
+        return sent[0] if len(sent) == 1 else asyncio.gather(*sent)
 
 
 class Notifier(_PriorityMethods[None]):
@@ -153,7 +157,7 @@ class Notifier(_PriorityMethods[None]):
         return prepared
 
     def notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> None:
-        self.transport.run(self.aio.notify(ctxt, event_type, payload, priority))
+        self.transport.wait_for(self.aio._start_notify, ctxt, event_type, payload, priority)
 
 
 # -- listeners ----------------------------------------------------------------------------------------------

@@ -166,26 +166,34 @@ class AsyncRPCClient:
         return self.version_cap is None or wanted is None or version_is_compatible(self.version_cap, wanted)
 
     async def call(self, ctxt: Any, method: str, **kwargs: Any) -> Any:
+        return self._result(ctxt, await self._start_call(ctxt, method, kwargs))
+
+    async def cast(self, ctxt: Any, method: str, **kwargs: Any) -> None:
+        await self._start_cast(ctxt, method, kwargs)
+
+    # Started on the loop by both faces; the blocking one reads the result in its caller's thread.
+    def _start_call(self, ctxt: Any, method: str, kwargs: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
         if self.target.fanout:
             raise InvalidTarget(f"a call cannot go to every server (fanout): cast it instead ({self.target})")
-        address = self.transport.rpc_address(self.target)
-        body = await self.transport.call(
-            address,
+        return self.transport.start_call(
+            self.transport.rpc_address(self.target),
             self._request(ctxt, method, kwargs),
             self._context(ctxt),
             timeout=self.timeout,
             retry=self.retry,
             call_monitor_timeout=self.call_monitor_timeout,
         )
+
+    def _result(self, ctxt: Any, body: dict[str, Any]) -> Any:
         failure = body.get("failure")
         if failure is not None:
             raise wire.deserialize_exception(failure, self.allowed_remote_modules)
         return self.serializer.deserialize_entity(ctxt, body.get("response"))
 
-    async def cast(self, ctxt: Any, method: str, **kwargs: Any) -> None:
+    def _start_cast(self, ctxt: Any, method: str, kwargs: dict[str, Any]) -> asyncio.Future[Any]:
         address = self.transport.rpc_address(self.target)
         payload = wire.encode_request(address, self._request(ctxt, method, kwargs), self._context(ctxt))
-        await self.transport.cast(
+        return self.transport.start_cast(
             address, payload, at_least_once=self.at_least_once, timeout=self.timeout, retry=self.retry
         )
 
@@ -227,10 +235,10 @@ class RPCClient:
         return self.aio.can_send_version(version)
 
     def call(self, ctxt: Any, method: str, **kwargs: Any) -> Any:
-        return self.transport.run(self.aio.call(ctxt, method, **kwargs))
+        return self.aio._result(ctxt, self.transport.wait_for(self.aio._start_call, ctxt, method, kwargs))
 
     def cast(self, ctxt: Any, method: str, **kwargs: Any) -> None:
-        self.transport.run(self.aio.cast(ctxt, method, **kwargs))
+        self.transport.wait_for(self.aio._start_cast, ctxt, method, kwargs)
 
 
 # -- dispatch -----------------------------------------------------------------------------------------------

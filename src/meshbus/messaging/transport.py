@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 from urllib.parse import parse_qsl, unquote
@@ -139,27 +139,151 @@ def _split_host(address: str, url: str) -> tuple[str, int]:
     return host or "127.0.0.1", number
 
 
-@dataclass(slots=True)
-class _PendingCall:
-    reply: asyncio.Future[dict[str, Any]]
-    taken: bool = False  # the server accepted the request
-    heard: float = 0.0  # when the server last showed it works on the call (took it, heartbeat): monotonic
+class _Delivery:
+    """A request on its way, sent until it is taken, by callbacks on each attempt's outcome: a task per
+    request cost a blocking client more than encoding it.
 
-    async def wait(self, address: str, monitor: float | None) -> dict[str, Any]:
-        """The reply; with a `monitor` interval, `MessagingTimeout` as soon as the server has been silent
-        that long (a server sends heartbeats while it works on a monitored call)."""
-        if monitor is None:
-            return await self.reply
-        self.heard = time.monotonic()
-        while not self.reply.done():
-            silence = time.monotonic() - self.heard
-            if silence >= monitor:
-                raise MessagingTimeout(
-                    f"{address}: the server stopped responding: no reply and no heartbeat for {monitor} s"
-                    " (call_monitor_timeout)"
+    RELEASED: resent RELEASED_RESENDS times at most, after RELEASED_DELAY, doubling. MODIFIED (a consumer had
+    it and failed) or an unknown outcome (the connection dropped): resent, `retry` times at most (None: until
+    the caller's time-out), after a back-off that doubles from RESEND_DELAY. REJECTED: never resent. Outcomes
+    end `future` (the caller's): with an error, or, once taken, by `on_taken()`; a caller who gave up
+    (time-out, cancel) has ended it already, and nothing more is sent."""
+
+    __slots__ = (
+        "address",
+        "connection",
+        "encode",
+        "failed",
+        "future",
+        "loop",
+        "on_taken",
+        "released",
+        "retry",
+    )
+
+    def __init__(
+        self,
+        connection: ClientConnection,
+        address: str,
+        encode: Callable[[Callable[[], None]], bytes | None],
+        retry: int | None,
+        future: asyncio.Future[Any],
+        on_taken: Callable[[], None],
+    ) -> None:
+        self.loop = future.get_loop()
+        self.connection = connection
+        self.address = address
+        # The bytes of each attempt (a call's reply address changes with a reconnect). None: not yet; it calls
+        # its argument when it can give them.
+        self.encode = encode
+        self.retry = retry
+        self.future = future
+        self.on_taken = on_taken
+        self.released = self.failed = 0
+
+    def send(self) -> None:
+        if self.future.done():
+            return
+        try:
+            payload = self.encode(self.send)
+        except Exception as error:
+            self.future.set_exception(error)
+            return
+        if payload is not None:
+            self.connection.send(self.address, payload).add_done_callback(self._outcome)
+
+    def _outcome(self, sent: asyncio.Future[Outcome]) -> None:
+        future = self.future
+        if future.done():
+            return
+        error = sent.exception()
+        if error is not None:
+            if isinstance(error, OutcomeUnknown):
+                gave_up = MessagingError(f"{self.address}: {error}; gave up after {self.retry} resends")
+                gave_up.__cause__ = error
+                self._failed(gave_up)
+            else:
+                future.set_exception(error)  # the connection is closed
+            return
+        outcome = sent.result()
+        if outcome.state == ACCEPTED:
+            self.on_taken()
+        elif outcome.state == REJECTED:
+            future.set_exception(
+                MessageDeliveryFailure(f"{self.address}: the message was {describe_outcome(outcome)}")
+            )
+        elif outcome.state == MODIFIED and not outcome.undeliverable_here:
+            self._failed(
+                MessageDeliveryFailure(
+                    f"{self.address}: delivery failed {self.failed + 1} times ({self.retry} resends)"
                 )
-            await asyncio.wait([self.reply], timeout=monitor - silence)
-        return self.reply.result()
+            )
+        else:
+            self.released += 1
+            if self.released > RELEASED_RESENDS:
+                future.set_exception(MessageUndeliverable(self.address, _detail(outcome)))
+            else:
+                self.loop.call_later(RELEASED_DELAY * 2 ** (self.released - 1), self.send)
+
+    def _failed(self, giving_up: Exception) -> None:
+        self.failed += 1
+        if self.retry is not None and self.failed > self.retry:
+            self.future.set_exception(giving_up)
+            return
+        delay = min(RESEND_DELAY * 2 ** (self.failed - 1), MAX_RESEND_DELAY)
+        self.loop.call_later(delay, self.send)
+
+
+class _PendingCall:
+    """A call from its request's first send until its reply (or its error) ends `reply`."""
+
+    __slots__ = ("_expiry", "_watch", "address", "heard", "monitor", "reply", "taken", "timeout")
+
+    def __init__(
+        self, address: str, timeout: float, monitor: float | None, reply: asyncio.Future[Any]
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.monitor = monitor  # call_monitor_timeout: fail once the server that took it is silent this long
+        self.reply = reply
+        self.taken = False  # the server accepted the request
+        self.heard = 0.0  # when the server last showed it works on the call (took it, heartbeat): monotonic
+        self._expiry = reply.get_loop().call_later(timeout, self._expired)
+        self._watch: asyncio.TimerHandle | None = None
+
+    def on_taken(self) -> None:
+        self.taken = True
+        if self.monitor is not None:
+            self.heard = time.monotonic()
+            self._watch = self.reply.get_loop().call_later(self.monitor, self._check_heard)
+
+    def _expired(self) -> None:
+        if not self.reply.done():
+            stage = "no reply" if self.taken else "no server took the request"
+            self.reply.set_exception(MessagingTimeout(f"{self.address}: {stage} within {self.timeout} s"))
+
+    def _check_heard(self) -> None:
+        assert self.monitor is not None
+        silence = time.monotonic() - self.heard
+        if silence < self.monitor:
+            self._watch = self.reply.get_loop().call_later(self.monitor - silence, self._check_heard)
+        elif not self.reply.done():
+            self.reply.set_exception(
+                MessagingTimeout(
+                    f"{self.address}: the server stopped responding: no reply and no heartbeat for"
+                    f" {self.monitor} s (call_monitor_timeout)"
+                )
+            )
+
+    def stop(self) -> None:
+        self._expiry.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+
+
+def _cast_expired(taken: asyncio.Future[None], address: str, timeout: float) -> None:
+    if not taken.done():
+        taken.set_exception(MessagingTimeout(f"{address}: not taken within {timeout} s"))
 
 
 class AsyncTransport:
@@ -172,6 +296,7 @@ class AsyncTransport:
         self.url = url
         self.default_exchange = default_exchange or wire.DEFAULT_EXCHANGE
         self.virtual_host = parsed.virtual_host
+        self.loop = asyncio.get_running_loop()
         self.connection = ClientConnection(parsed.hosts, parsed.connection_options())
         self.connection.on_lost.append(self._connection_lost)
         self._calls: dict[str, _PendingCall] = {}
@@ -198,42 +323,47 @@ class AsyncTransport:
             self._replies.close()
         await self.connection.close()
 
-    # -- delivery ---------------------------------------------------------------------------------------
+    # -- delivery: started on the loop, each returns the future its caller waits on ---------------------
 
-    async def _deliver(
-        self, address: str, payload: Callable[[], Awaitable[bytes]], retry: int | None
-    ) -> None:
-        """Send until accepted. `payload()` makes the bytes for each attempt (a call's reply address may
-        change with a reconnect). RELEASED: resent RELEASED_RESENDS times at most, after RELEASED_DELAY,
-        doubling; MODIFIED (a consumer had it and failed) or an unknown outcome (the connection dropped):
-        resent, `retry` times at most (None: until the caller's time-out), after a back-off that doubles
-        from RESEND_DELAY. REJECTED: never resent."""
-        released = failed = 0
-        while True:
-            if failed:
-                await asyncio.sleep(min(RESEND_DELAY * 2 ** (failed - 1), MAX_RESEND_DELAY))
-            try:
-                outcome = await self.connection.send(address, await payload())
-            except OutcomeUnknown as error:
-                failed += 1
-                if retry is not None and failed > retry:
-                    raise MessagingError(f"{address}: {error}; gave up after {retry} resends") from error
-                continue
-            if outcome.state == ACCEPTED:
-                return
-            if outcome.state == REJECTED:
-                raise MessageDeliveryFailure(f"{address}: the message was {describe_outcome(outcome)}")
-            if outcome.state == MODIFIED and not outcome.undeliverable_here:
-                failed += 1
-                if retry is not None and failed > retry:
-                    raise MessageDeliveryFailure(
-                        f"{address}: delivery failed {failed} times ({retry} resends)"
-                    )
-                continue
-            released += 1
-            if released > RELEASED_RESENDS:
-                raise MessageUndeliverable(address, _detail(outcome))
-            await asyncio.sleep(RELEASED_DELAY * 2 ** (released - 1))
+    def start_call(
+        self,
+        address: str,
+        request: dict[str, Any],
+        context: dict[str, Any],
+        *,
+        timeout: float,
+        retry: int | None,
+        call_monitor_timeout: float | None = None,
+    ) -> asyncio.Future[dict[str, Any]]:
+        """Send a request that expects a reply; the future of the reply's JSON body. It fails with
+        `MessagingTimeout` after `timeout` seconds (or, with `call_monitor_timeout`, once the server that
+        took the request has sent no heartbeat for that long), `MessageUndeliverable` at once when nobody
+        serves `address`, and `OutcomeUnknown` when the connection drops after the server took the request.
+        Cancelling it gives the call up."""
+        message_id = f"{self._id_prefix}{next(self._ids)}"
+        reply: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        pending = self._calls[message_id] = _PendingCall(address, timeout, call_monitor_timeout, reply)
+        reply.add_done_callback(functools.partial(self._call_ended, message_id))
+
+        def encode(when_ready: Callable[[], None]) -> bytes | None:
+            reply_to = self._reply_address(when_ready)
+            if reply_to is None:
+                return None
+            return wire.encode_request(
+                address,
+                request,
+                context,
+                message_id=message_id,
+                reply_to=reply_to,
+                ttl=timeout,
+                call_monitor_timeout=call_monitor_timeout,
+            )
+
+        _Delivery(self.connection, address, encode, retry, reply, pending.on_taken).send()
+        return reply
+
+    def _call_ended(self, message_id: str, reply: asyncio.Future[dict[str, Any]]) -> None:
+        self._calls.pop(message_id).stop()
 
     async def call(
         self,
@@ -245,54 +375,37 @@ class AsyncTransport:
         retry: int | None,
         call_monitor_timeout: float | None = None,
     ) -> dict[str, Any]:
-        """Send a request that expects a reply; the reply's JSON body. Raises `MessagingTimeout` after
-        `timeout` seconds (or, with `call_monitor_timeout`, once the server that took the request has sent
-        no heartbeat for that long), `MessageUndeliverable` at once when nobody serves `address`, and
-        `OutcomeUnknown` when the connection drops after the server took the request."""
-        message_id = f"{self._id_prefix}{next(self._ids)}"
-        pending = self._calls[message_id] = _PendingCall(asyncio.get_running_loop().create_future())
+        """`start_call`, awaited."""
+        return await self.start_call(
+            address, request, context, timeout=timeout, retry=retry, call_monitor_timeout=call_monitor_timeout
+        )
 
-        async def encode() -> bytes:
-            reply_to = await self._reply_address()
-            return wire.encode_request(
-                address,
-                request,
-                context,
-                message_id=message_id,
-                reply_to=reply_to,
-                ttl=timeout,
-                call_monitor_timeout=call_monitor_timeout,
-            )
-
-        try:
-            async with asyncio.timeout(timeout):
-                await self._deliver(address, encode, retry)
-                pending.taken = True
-                return await pending.wait(address, call_monitor_timeout)
-        except MessagingTimeout:
-            raise  # the call monitor's, worded already
-        except TimeoutError:
-            stage = "no reply" if pending.taken else "no server took the request"
-            raise MessagingTimeout(f"{address}: {stage} within {timeout} s") from None
-        finally:
-            del self._calls[message_id]
+    def start_cast(
+        self, address: str, payload: bytes, *, at_least_once: bool, timeout: float, retry: int | None
+    ) -> asyncio.Future[Any]:
+        """Send a request that expects no reply; a future done once it is taken (at least once: resent if it
+        was given back; `MessagingTimeout` after `timeout` seconds) or, not `at_least_once`, written once,
+        pre-settled."""
+        if not at_least_once:
+            return self.connection.send(address, payload, settled=True)
+        taken: asyncio.Future[None] = self.loop.create_future()
+        timer = self.loop.call_later(timeout, _cast_expired, taken, address, timeout)
+        taken.add_done_callback(lambda _: timer.cancel())
+        _Delivery(
+            self.connection,
+            address,
+            lambda _: payload,
+            retry,
+            taken,
+            functools.partial(taken.set_result, None),
+        ).send()
+        return taken
 
     async def cast(
         self, address: str, payload: bytes, *, at_least_once: bool, timeout: float, retry: int | None
     ) -> None:
-        """Send a request that expects no reply: until taken (at least once), or written once, pre-settled."""
-        if not at_least_once:
-            await self.connection.send(address, payload, settled=True)
-            return
-
-        async def encode() -> bytes:
-            return payload
-
-        try:
-            async with asyncio.timeout(timeout):
-                await self._deliver(address, encode, retry)
-        except TimeoutError:
-            raise MessagingTimeout(f"{address}: not taken within {timeout} s") from None
+        """`start_cast`, awaited."""
+        await self.start_cast(address, payload, at_least_once=at_least_once, timeout=timeout, retry=retry)
 
     def reply(self, payload: bytes, *, at_least_once: bool = True) -> None:
         """Send a reply by its `to`, in the background: until its caller has it, resent with back-off while it
@@ -324,11 +437,16 @@ class AsyncTransport:
 
     # -- replies ------------------------------------------------------------------------------------------
 
-    async def _reply_address(self) -> str:
+    def _reply_address(self, when_ready: Callable[[], None]) -> str | None:
+        """The reply link's address; None while it is not attached (the first call, a reconnect), and then
+        `when_ready()` is called once it is."""
         replies = self._replies
         if replies is None:
             replies = self._replies = self.connection.receive(None, self._on_reply, credit=1000)
-        return replies.address or await replies.ready()
+        address = replies.address
+        if address is None:
+            replies.when_ready(when_ready)
+        return address
 
     def _on_reply(self, message: IncomingMessage) -> None:
         message.accept()
@@ -372,26 +490,26 @@ os.register_at_fork(after_in_child=_forget_wakeups)
 
 
 class _Waiter(Generic[T]):
-    """A thread's wait for a task on the loop, through the thread's own `green.Wakeup`."""
+    """A thread's wait for a future on the loop, through the thread's own `green.Wakeup`."""
 
-    __slots__ = ("_task", "_wakeup")
+    __slots__ = ("_future", "_wakeup")
 
     def __init__(self) -> None:
         wakeup = getattr(_wakeups, "wakeup", None)
         if wakeup is None:
             wakeup = _wakeups.wakeup = green.Wakeup()
         self._wakeup: green.Wakeup = wakeup
-        self._task: asyncio.Task[T] | None = None
+        self._future: asyncio.Future[T] | None = None
 
-    def done(self, task: asyncio.Task[T]) -> None:
-        self._task = task
+    def done(self, future: asyncio.Future[T]) -> None:
+        self._future = future
         self._wakeup.wake()
 
     def wait(self) -> T:
         # A wait that was interrupted (KeyboardInterrupt) leaves a wake behind for the thread's next wait.
-        while self._task is None:
+        while self._future is None:
             self._wakeup.wait()
-        return self._task.result()
+        return self._future.result()
 
 
 class Transport:
@@ -421,14 +539,20 @@ class Transport:
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run `coroutine` on the transport's loop and wait for its result (from any thread but that one)."""
-        if self._green:
-            return green.run(self.loop, coroutine)
-        waiter = _Waiter[T]()
         try:
-            self.call_soon_threadsafe(self._start, coroutine, waiter)
+            start: Callable[[], asyncio.Future[T]] = functools.partial(self._task, coroutine)
+            return self.wait_for(start)
         except MessagingError:
-            coroutine.close()
+            coroutine.close()  # not started as the transport is closed (a no-op if it ran and raised this)
             raise
+
+    def wait_for(self, start: Callable[..., asyncio.Future[T]], *args: Any) -> T:
+        """Call `start(*args)` on the transport's loop and wait for the result of the future it returns (from
+        any thread but the loop's). What needs no task of its own starts this way: a call, a cast."""
+        if self._green:
+            return green.run(self.loop, _awaiting(start, args))
+        waiter = _Waiter[T]()
+        self.call_soon_threadsafe(self._start, start, args, waiter)
         return waiter.wait()
 
     def call_soon_threadsafe(self, callback: Callable[..., None], *args: Any) -> None:
@@ -454,11 +578,21 @@ class Transport:
             except Exception:  # the rest of the inbox still runs
                 log.exception("a callback handed to the I/O thread failed")
 
-    def _start(self, coroutine: Coroutine[Any, Any, T], waiter: _Waiter[T]) -> None:
+    def _start(
+        self, start: Callable[..., asyncio.Future[T]], args: tuple[Any, ...], waiter: _Waiter[T]
+    ) -> None:
+        try:
+            future = start(*args)
+        except Exception as error:  # raised before anything was sent (an invalid target...): the caller's
+            future = self.loop.create_future()
+            future.set_exception(error)
+        future.add_done_callback(waiter.done)
+
+    def _task(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = self.loop.create_task(coroutine)
         self._tasks.add(task)  # asyncio keeps only weak references to tasks
-        task.add_done_callback(waiter.done)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def close(self) -> None:
         """Close the connection and stop the I/O thread."""
@@ -613,6 +747,10 @@ class BlockingService:
     def wait(self) -> None:
         self.transport.run(self.aio.wait())
         self.executor.shutdown(wait=True)
+
+
+async def _awaiting(start: Callable[..., asyncio.Future[T]], args: tuple[Any, ...]) -> T:
+    return await start(*args)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -119,8 +119,9 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
                         raise
                     log.debug("fanout cast to %s: no server listens", address)
                 return None
-            body = self.transport.run(
-                self.transport.aio.call(
+            body = self.transport.wait_for(
+                functools.partial(
+                    self.transport.aio.start_call,
                     address,
                     message,
                     ctxt,
@@ -146,8 +147,9 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
 
     def _cast(self, address: str, payload: bytes, retry: int | None) -> None:
         """Send until a consumer takes it (resent if given back), for `send_timeout` at most."""
-        self.transport.run(
-            self.transport.aio.cast(
+        self.transport.wait_for(
+            functools.partial(
+                self.transport.aio.start_cast,
                 address,
                 payload,
                 at_least_once=True,

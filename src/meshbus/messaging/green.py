@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import os
+import queue
 import select
 import sys
 import threading
@@ -26,6 +28,8 @@ from types import ModuleType
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger("meshbus.messaging")
 
 
 def active() -> bool:
@@ -213,7 +217,7 @@ class GreenExecutor(concurrent.futures.Executor):
 
 
 def _work(
-    future: _SharedFuture[T], fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
+    future: concurrent.futures.Future[T], fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
     if not future.set_running_or_notify_cancel():
         return
@@ -225,11 +229,63 @@ def _work(
         future.set_result(result)
 
 
+class Workers(concurrent.futures.Executor):
+    """Up to `max_workers` threads of the library's own (see `yield_on_wakeup`), started as work comes, that
+    run what they are given. `run(fn, *args)` gives a job without a future: a ThreadPoolExecutor's future,
+    condition and semaphore per job cost a server more than its dispatch (bench/README.md). `submit` is
+    there for what needs an executor (asyncio's run_in_executor)."""
+
+    def __init__(self, max_workers: int, thread_name: str) -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, not {max_workers}")
+        self.max_workers = max_workers
+        self.thread_name = thread_name
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., object], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def run(self, fn: Callable[..., object], /, *args: Any) -> None:
+        """Call `fn(*args)` in a worker; what it raises is logged."""
+        if self._closed:
+            raise RuntimeError("cannot run more work: the server's workers are shut down")
+        self._jobs.put((fn, args))
+        # A worker that is free takes the job; until every worker exists, one more is started in case none is.
+        if len(self._threads) < self.max_workers:
+            thread = os_thread(self._work, f"{self.thread_name}_{len(self._threads)}")
+            self._threads.append(thread)
+            thread.start()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self.run(_work, future, fn, args, kwargs)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Run what was given, then end the threads (`cancel_futures` is ignored: nothing is dropped)."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+    def _work(self) -> None:
+        jobs = self._jobs
+        while (job := jobs.get()) is not None:
+            fn, args = job
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("a job given to the library's workers failed")
+
+
 def executor(max_workers: int, thread_name: str) -> concurrent.futures.Executor:
-    """Where a blocking server runs its endpoints' plain methods: green threads under eventlet, else a pool
-    of `max_workers` threads of the library's own named after `thread_name`."""
+    """Where a blocking server runs its endpoints' plain methods: green threads under eventlet, else
+    `Workers`, `max_workers` threads of the library's own named after `thread_name`."""
     if active():
         return GreenExecutor(max_workers)
-    return concurrent.futures.ThreadPoolExecutor(
-        max_workers, thread_name_prefix=thread_name, initializer=yield_on_wakeup
-    )
+    return Workers(max_workers, thread_name)

@@ -70,6 +70,8 @@ MAX_RESEND_DELAY: Final = 1.0
 # A reply given back is resent this many times, backing off from RESEND_DELAY: 0.6 s in all, long enough for
 # the mesh to settle a changed route, short for a caller that is gone.
 REPLY_RESENDS: Final = 6
+# Threads of an asyncio server's pool for its endpoints' plain methods, unless it is given an executor.
+DEFAULT_WORKERS: Final = 16
 
 
 @dataclass(slots=True)
@@ -707,16 +709,27 @@ class AsyncService:
 
     def _start_worker(self, work: Callable[[], R], then: Callable[[R], None]) -> None:
         if self.executor is None:
-            self.executor = concurrent.futures.ThreadPoolExecutor(
-                thread_name_prefix="meshbus-worker", initializer=green.yield_on_wakeup
-            )
-        loop = asyncio.get_running_loop()
-        job = self.executor.submit(work)
-        job.add_done_callback(lambda done: loop.call_soon_threadsafe(self._after_worker, then, done))
+            self.executor = green.executor(DEFAULT_WORKERS, "meshbus-worker")
+        job = functools.partial(self._in_worker, asyncio.get_running_loop(), work, then)
+        if isinstance(self.executor, green.Workers):
+            self.executor.run(job)  # no future: the job hands its result to the loop itself
+        else:
+            self.executor.submit(job)
 
-    def _after_worker(self, then: Callable[[R], None], done: concurrent.futures.Future[R]) -> None:
+    def _in_worker(
+        self, loop: asyncio.AbstractEventLoop, work: Callable[[], R], then: Callable[[R], None]
+    ) -> None:
         try:
-            then(done.result())
+            result = work()
+        except Exception:
+            log.exception("%s: a worker's job failed", type(self).__name__)
+            loop.call_soon_threadsafe(self.end)
+            return
+        loop.call_soon_threadsafe(self._after_worker, then, result)
+
+    def _after_worker(self, then: Callable[[R], None], result: R) -> None:
+        try:
+            then(result)
         finally:
             self.end()
 

@@ -1,0 +1,72 @@
+"""green.Workers, the thread pool of the blocking servers, on its own: no router."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from meshbus.messaging.green import Workers
+
+WAIT = 10.0
+
+
+def test_jobs_run_on_at_most_max_workers_threads_of_the_librarys_own() -> None:
+    workers = Workers(3, "test-worker")
+    lock = threading.Lock()
+    running = peak = 0
+    names: set[str] = set()
+    done = threading.Semaphore(0)
+
+    def job() -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            names.add(threading.current_thread().name)
+        time.sleep(0.01)
+        with lock:
+            running -= 1
+        done.release()
+
+    for _ in range(20):
+        workers.run(job)
+    for _ in range(20):
+        assert done.acquire(timeout=WAIT)
+    workers.shutdown()
+    assert peak == 3
+    assert names == {"test-worker_0", "test-worker_1", "test-worker_2"}
+
+
+def test_a_failing_job_is_logged_and_the_worker_carries_on(caplog: pytest.LogCaptureFixture) -> None:
+    workers = Workers(1, "test-worker")
+    ran = threading.Event()
+
+    def fail() -> None:
+        raise ValueError("boom")
+
+    with caplog.at_level(logging.ERROR, logger="meshbus.messaging"):
+        workers.run(fail)
+        workers.run(ran.set)
+        assert ran.wait(WAIT)
+    workers.shutdown()
+    assert "a job given to the library's workers failed" in caplog.text
+    assert "boom" in caplog.text
+
+
+def test_submit_gives_a_future_and_shutdown_runs_what_was_given_first() -> None:
+    workers = Workers(2, "test-worker")
+    gate = threading.Event()
+    finished: list[int] = []
+    workers.run(gate.wait, WAIT)
+    for n in range(5):
+        workers.run(finished.append, n)
+    future = workers.submit(pow, 2, 10)
+    gate.set()
+    assert future.result(WAIT) == 1024
+    workers.shutdown(wait=True)
+    assert sorted(finished) == [0, 1, 2, 3, 4]
+    with pytest.raises(RuntimeError, match="shut down"):
+        workers.run(print)

@@ -18,6 +18,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
 from cproton import msgid2py
 from cproton_ffi import ffi, lib
 
@@ -92,8 +93,30 @@ class Incoming:
     call_monitor_timeout: float | None = None  # seconds: send the caller heartbeats at least this often
 
 
-# One encoder for every message: json.dumps with an argument builds a new one per call.
-_dumps = json.JSONEncoder(default=to_primitive).encode
+# orjson does what json does at a tenth of the cost, which counts four times per call. These options keep
+# json's ways: any key becomes text; dates and dataclasses go through `to_primitive`, as with json.
+_ORJSON_OPTIONS: Final = (
+    orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+_json_dumps = json.JSONEncoder(default=to_primitive).encode  # one encoder, not one per call
+
+
+def _dumps(value: Any) -> bytes:
+    """JSON, as UTF-8. What orjson refuses (integers beyond 64 bits, text with lone surrogates, nesting
+    deeper than 255) json encodes. NaN and the infinities become null: JSON has no such numbers."""
+    try:
+        return orjson.dumps(value, default=to_primitive, option=_ORJSON_OPTIONS)
+    except orjson.JSONEncodeError:
+        return _json_dumps(value).encode()  # ASCII: json escapes the rest
+
+
+def _loads(text: bytes | str) -> Any:
+    """JSON's value; json reads what orjson refuses (NaN and the infinities, as json writes them, and
+    integers beyond 64 bits). Raises ValueError for what is not JSON."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def encode_request(
@@ -110,7 +133,7 @@ def encode_request(
     """A request (call, cast) or a notification (`envelope=True`: marked durable, so that a broker serving
     its queue keeps it on disk) to address `to`."""
     if envelope:
-        request = {"oslo.version": _ENVELOPE_VERSION, "oslo.message": _dumps(request)}
+        request = {"oslo.version": _ENVELOPE_VERSION, "oslo.message": _dumps(request).decode()}
     data: dict[str, Any] = {"request": request, "context": context}
     if call_monitor_timeout is not None:
         data["call_monitor_timeout"] = call_monitor_timeout
@@ -125,7 +148,7 @@ def decode_request(payload: bytes) -> Incoming:
         raise ValueError("the message has no body")
     request = data.get("request") or {}
     if "oslo.message" in request:
-        request = json.loads(request["oslo.message"])
+        request = _loads(request["oslo.message"])
     monitor = data.get("call_monitor_timeout")
     if not isinstance(monitor, int | float) or isinstance(monitor, bool) or monitor <= 0:
         monitor = None
@@ -161,7 +184,7 @@ class _Codec(threading.local):
     def encode(
         self,
         to: str,
-        body: str | None,
+        body: bytes | None,
         *,
         message_id: str | None = None,
         reply_to: str | None = None,
@@ -183,8 +206,7 @@ class _Codec(threading.local):
         if ttl is not None:
             lib.pn_message_set_ttl(message, int(ttl * 1000))
         if body is not None:
-            raw = body.encode()
-            lib.pn_data_put_string(lib.pn_message_body(message), (len(raw), ffi.from_buffer(raw)))
+            lib.pn_data_put_string(lib.pn_message_body(message), (len(body), ffi.from_buffer(body)))
         while True:
             size = lib.pn_message_encode_py(message, self.buffer, self.size)
             if size >= 0:
@@ -210,7 +232,7 @@ class _Codec(threading.local):
         if kind not in (lib.PN_STRING, lib.PN_BINARY):
             raise ValueError("the message body is not JSON text")
         raw = lib.pn_data_get_string(body) if kind == lib.PN_STRING else lib.pn_data_get_binary(body)
-        data = json.loads(ffi.buffer(raw.start, raw.size)[:])
+        data = _loads(ffi.buffer(raw.start, raw.size)[:])
         if not isinstance(data, dict):
             raise ValueError("the message body is JSON but not an object")
         return data
@@ -264,7 +286,7 @@ def serialize_exception(error: BaseException) -> str:
             "args": list(error.args),
             "kwargs": getattr(error, "kwargs", {}) or {},
         }
-    )
+    ).decode()
 
 
 def deserialize_exception(data: str, allowed_modules: frozenset[str] | set[str]) -> Exception:
@@ -272,7 +294,7 @@ def deserialize_exception(data: str, allowed_modules: frozenset[str] | set[str])
 
     A rebuilt exception is an instance of a subclass named `<Class>_Remote`, so `except ValueError` works at
     the caller and its text carries the remote traceback."""
-    failure = json.loads(data)
+    failure = _loads(data)
     name, module = str(failure.get("class")), str(failure.get("module"))
     message, trace = str(failure.get("message", "")), failure.get("tb") or []
     if module in _BUILTIN_MODULES:

@@ -49,6 +49,23 @@ def test_messages_are_delivered_once_durable_and_tokens_say_when(path: Path) -> 
     store.close()
 
 
+def test_a_message_finished_before_its_batch_is_sealed_is_never_written(path: Path) -> None:
+    store = Store.open(path, lambda address: QueueLimits())  # payloads kept in memory
+    store.attach(QUEUE, "c")
+    store.append(QUEUE, b"quick", None, NOW, "producer-1")
+    store.append(QUEUE, b"slow", None, NOW, "producer-2")
+    assert sent(store, "c") == [(0, 0, b"quick"), (1, 0, b"slow")], "in memory: delivered at once"
+    store.settle("c", 0, Settlement.ACCEPTED, NOW, token="ack")
+    batch = store.seal()
+    assert batch is not None and list(batch.inserts) == [1 << 40 | 1] and not batch.deletes
+    store.write(batch)
+    # Its producer is accepted only now, with the batch that no longer needs to hold it.
+    assert store.completed(batch) == ["producer-1", "producer-2", "ack"]
+    rows = sqlite3.connect(path).execute("SELECT payload FROM messages").fetchall()
+    assert rows == [(b"slow",)]
+    store.close()
+
+
 def test_a_restart_brings_back_what_was_durable(path: Path) -> None:
     store = Store.open(path, limits_for)
     store.attach(QUEUE, "a1", pool="a")

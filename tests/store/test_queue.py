@@ -97,17 +97,18 @@ def test_a_group_outlives_its_consumers() -> None:
     assert take(queue) == [("c2", 0), ("c2", 1)]
 
 
-def test_only_durable_messages_are_handed_out() -> None:
-    queue, _ = make_queue()
+def test_a_message_in_memory_is_handed_out_at_once_one_read_back_only_once_durable() -> None:
+    queue, _ = make_queue(cache_bytes=1)
     queue.attach("c")
     queue.flow("c", 10)
-    queue.append(b"x", None, NOW)
-    queue.append(b"y", None, NOW)
-    assert take(queue) == []
-    queue.durable(1)
+    queue.append(b"x", None, NOW)  # fits the payload cache
+    queue.append(b"y", None, NOW)  # the cache is full: its payload is read back from the file
+    queue.append(b"z", None, NOW)
     assert take(queue) == [("c", 0)]
     queue.durable(2)
-    assert take(queue) == [("c", 1)]
+    assert take(queue) == [("c", 1)], "in order: the next one is not written yet"
+    queue.durable(3)
+    assert take(queue) == [("c", 2)]
 
 
 def test_a_consumer_gets_no_more_than_its_credit() -> None:

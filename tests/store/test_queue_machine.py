@@ -43,6 +43,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.credit: dict[str, int] = {}
         self.held: dict[str, dict[int, int]] = {}  # consumer -> offset -> count it was delivered with
         self.durable_end = 0
+        self.in_memory: set[int] = set()  # appended with their payload kept in memory
 
     def _expired(self, offset: int) -> bool:
         deadline = self.deadlines[offset]
@@ -62,6 +63,8 @@ class QueueMachine(RuleBasedStateMachine):
             return
         assert not full and message is not None
         self.deadlines[message.offset] = deadline
+        if message.payload is not None:
+            self.in_memory.add(message.offset)
         for group in self.groups.values():
             group.owed.add(message.offset)
         if not self.groups:
@@ -100,7 +103,7 @@ class QueueMachine(RuleBasedStateMachine):
             group = self.groups[self.member[consumer]]
             assert delivery.group == self.member[consumer]
             assert self.credit[consumer] > 0, "delivered beyond the consumer's credit"
-            assert offset < self.durable_end, "delivered before durable"
+            assert offset < self.durable_end or offset in self.in_memory, "read back before it was written"
             assert offset not in group.finished, "delivered again after the group finished it"
             assert offset in group.owed
             assert not self._expired(offset), "expired message delivered"

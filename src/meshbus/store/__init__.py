@@ -21,13 +21,15 @@ Groups (subscriptions)
     listener misses nothing) until it is dropped (`Store.drop_group`, for management).
 
 Delivery and settlement
-    Only durable messages are delivered. Per group, messages made available again come first (lowest
-    offset first), then new ones in append order. accepted finishes the message for the group; released,
-    modified, and a consumer detaching with the message unsettled make it available again with the
-    delivery count raised; rejected, or a count reaching `max_deliveries`, moves it (for that group) to the
-    queue's `dead_letter` address, itself a queue of the same store (without one it is dropped and
-    counted). A message is deleted when every group has finished it, or when it expires: an expired message
-    is never delivered (`expire(now)` purges; one in flight goes when settled).
+    A message is delivered as soon as it is appended while its payload is in memory (`cache_bytes`), else
+    once it is durable (it is read back from the file). Per group, messages made available again come
+    first (lowest offset first), then new ones in append order. accepted finishes the message for the
+    group; released, modified, and a consumer detaching with the message unsettled make it available again
+    with the delivery count raised; rejected, or a count reaching `max_deliveries`, moves it (for that
+    group) to the queue's `dead_letter` address, itself a queue of the same store (without one it is
+    dropped and counted). A message is deleted when every group has finished it, or when it expires: an
+    expired message is never delivered (`expire(now)` purges; one in flight goes when settled). One deleted
+    before its append was written is never written: listeners that keep up cost the disk only the commits.
 
 Limits
     Per queue `max_depth` messages and `max_bytes` payload bytes. When full the store refuses the new message
@@ -41,7 +43,8 @@ Durability and group commit
     commits it in one transaction with one fsync (`synchronous=FULL`), on a writer thread or inline; while
     one batch is written the next fills, so batches grow with the load. A token passed with an append or a
     settlement comes back from `completed(batch)` once it is durable: the router accepts a producer's
-    message only then. A write that fails (disk full) is rolled back whole and the engine refuses later
+    message only then, even when a consumer had it earlier (after a crash before that, the producer sends
+    it again: at least once). A write that fails (disk full) is rolled back whole and the engine refuses later
     ones (`EngineFailed`, naming the file and the next step): restart to recover the last good batch.
 
 Recovery

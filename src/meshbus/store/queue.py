@@ -6,8 +6,12 @@ Rules of this module:
    It never touches files, sockets, threads or a clock: time arrives as `now` (seconds since the epoch,
    since message expiry times are wall-clock times).
 2. Every change that must survive a restart is reported as it happens to a `Journal` (the engine, which
-   records it in its next group commit). Nothing here waits for the journal; the one thing that waits for
-   durability is delivery: messages are handed out only below the offset declared durable (`durable`).
+   records it in its next group commit). Nothing here waits for the journal. A message whose payload is in
+   memory is handed out as soon as it is appended; one that is not (the cache was full) only once it is
+   below the offset declared durable (`durable`), since it is read back from the file. A message finished
+   before its append was written is never written (the engine drops the pair): a consumer that keeps up
+   costs the disk nothing but the batch's commit. What is acknowledged waits for durability elsewhere: the
+   store accepts a producer's message only once its batch is written.
 3. Groups (one per consumer pool): every group receives every message appended from its start; the
    consumers of one group share them (each message goes to one of them). The first group of a queue
    starts at the oldest retained message, so notifications sent before any listener existed reach the
@@ -257,6 +261,10 @@ class Queue:
             heapq.heappush(self._deadlines, (deadline, offset))
         self.counters.appended += 1
         self._journal.appended(self, message, payload)
+        if cached:
+            for group in self.groups.values():
+                if group.consumers:
+                    self._ready[group] = None
         return message
 
     def keep(self, message: Message, payload: bytes) -> None:
@@ -268,7 +276,7 @@ class Queue:
             self.cached_bytes += size
 
     def durable(self, end: int) -> None:
-        """Every message below offset `end` is durable: it may be handed out."""
+        """Every message below offset `end` is durable: those not in memory may be handed out too."""
         if end > self._durable_end:
             self._durable_end = end
             for group in self.groups.values():
@@ -355,10 +363,12 @@ class Queue:
                 self._expire(message)
                 continue
             return message
-        while group.cursor < self._durable_end:
+        while group.cursor < self._next_offset:
             offset = group.cursor
-            group.cursor = offset + 1
             message = log.get(offset)
+            if message is not None and message.payload is None and offset >= self._durable_end:
+                break  # to be read back from the file once written
+            group.cursor = offset + 1
             if message is None or offset in group.finished:
                 continue
             if message.deadline is not None and message.deadline <= now:

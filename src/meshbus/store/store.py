@@ -83,9 +83,11 @@ class Store:
         expired, nothing stored, no token. Raises QueueFull (the producer's message is refused) or
         EngineFailed (the file cannot be written)."""
         self.engine.check()
-        if self.queue(address).append(payload, deadline, now) is None:
+        queue = self.queue(address)
+        if queue.append(payload, deadline, now) is None:
             return False
         self.engine.when_durable(token)
+        self._touched[queue] = None
         return True
 
     def producer_credit(self, address: str, wanted: int) -> int:
@@ -178,7 +180,8 @@ class Store:
         self.engine.write(batch)
 
     def completed(self, batch: Batch) -> list[object]:
-        """`batch` was written: its messages may be delivered; returns the tokens it made durable."""
+        """`batch` was written: its messages not kept in memory may be delivered too; returns the tokens it
+        made durable."""
         for address, end in batch.ends.items():
             queue = self.queues[address]
             queue.durable(end)

@@ -709,7 +709,8 @@ class AsyncService:
 
     def _start_worker(self, work: Callable[[], R], then: Callable[[R], None]) -> None:
         if self.executor is None:
-            self.executor = green.executor(DEFAULT_WORKERS, "meshbus-worker")
+            # OS threads, as asyncio's default executor: even under eventlet this loop's thread has no hub.
+            self.executor = green.Workers(DEFAULT_WORKERS, "meshbus-worker")
         job = functools.partial(self._in_worker, asyncio.get_running_loop(), work, then)
         if isinstance(self.executor, green.Workers):
             self.executor.run(job)  # no future: the job hands its result to the loop itself

@@ -48,7 +48,9 @@ from store_bench import disk_bytes
 
 ADDRESS = "openstack.org/om/notify/anycast/bench/durable.info"  # a queue by the built-in rule
 RABBIT_QUEUE = "bench-durable"
-STORED_LOG = re.compile(r"store (\S+) opened: (\d+) queues, (\d+) messages recovered in ([\d.]+) s")
+STORED_LOG = re.compile(
+    r"store (\S+) opened \(sync \w+\): (\d+) queues, (\d+) messages recovered in ([\d.]+) s"
+)
 FILL_BATCH = 10_000  # messages per commit while filling the store for the recovery figure
 RABBIT_WINDOW = 1000  # unconfirmed messages the publisher keeps in flight
 CREDIT = 1000  # the consumers' credit (meshbus) and prefetch (RabbitMQ)

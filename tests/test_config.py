@@ -325,6 +325,7 @@ def test_store_path_is_relative_to_the_config_file(tmp_path, monkeypatch):
 def test_store_path_defaults_to_the_state_directory_and_the_router_id(tmp_path, monkeypatch):
     config = load_config(write(tmp_path, '[router]\nid = "r1"\n'))
     assert config.store.enabled
+    assert config.store.sync == "full", "fsync'd commits unless the operator chooses otherwise"
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     assert config.store_path() == tmp_path / "state" / "meshbus" / "r1.db"
     monkeypatch.delenv("XDG_STATE_HOME")
@@ -378,6 +379,10 @@ def test_notifications_are_queues_unless_configured_otherwise(tmp_path):
         (
             '[store]\nenabled = "yes"\n',
             'router.toml:2: store.enabled: Input should be a valid boolean (got "yes")',
+        ),
+        (
+            '[store]\nsync = "off"\n',
+            "router.toml:2: store.sync: Input should be 'full' or 'normal' (got \"off\")",
         ),
         (
             '[[queue]]\nprefix = "jobs"\ndead_letter = "graveyard"\n',

@@ -166,6 +166,10 @@ class StoreSettings(_Table):
     # Default: $XDG_STATE_HOME (or ~/.local/state)/meshbus/<router id>.db. Relative to the configuration
     # file's directory (`load_config` makes it absolute).
     path: Path | None = Field(default=None, strict=False)
+    # "full": every group commit is fsync'd, so what the store accepted survives a power cut. "normal": a
+    # commit reaches the operating system, not the disk: it survives the router's crash (kill -9) but maybe
+    # not the machine's, and a producer waits for no fsync (bench/README.md has the figures).
+    sync: Literal["full", "normal"] = "full"
 
 
 _QUEUE_DEFAULTS = QueueLimits()

@@ -74,10 +74,13 @@ def listeners() -> Any:
         listener.wait()
 
 
+@pytest.mark.parametrize("sync", ["full", "normal"])
 def test_notifications_sent_before_any_listener_are_all_delivered_to_the_first(
-    router: Start, transports: Any, listeners: Any
+    router: Start, transports: Any, listeners: Any, sync: str
 ) -> None:
-    url = router({}).url
+    started = router({"store": {"sync": sync}})
+    assert f"(sync {sync})" in started.log(), "the store opens with the configured sync"
+    url = started.url
     notifier = Notifier(transports(url), "early", topics=["early"])
     for n in range(50):
         notifier.info({}, "stored", n)  # returns once stored: nobody listens yet

@@ -61,7 +61,7 @@ class StoreHost:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             lock = _lock(path)
-            store = Store.open(path, limits_of)
+            store = Store.open(path, limits_of, synchronous=config.store.sync.upper())
         except (OSError, sqlite3.Error) as error:
             raise SystemExit(
                 f"meshbus: error: cannot open the store {path}: {error}; check the [store] path and its "
@@ -72,8 +72,9 @@ class StoreHost:
         host.endpoint.start()
         messages = sum(queue.depth for queue in store.queues.values())
         log.info(
-            "store %s opened: %d queues, %d messages recovered in %.2f s",
+            "store %s opened (sync %s): %d queues, %d messages recovered in %.2f s",
             path,
+            config.store.sync,
             len(store.queues),
             messages,
             time.perf_counter() - started,

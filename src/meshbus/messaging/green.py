@@ -244,6 +244,7 @@ class Workers(concurrent.futures.Executor):
             queue.SimpleQueue()
         )
         self._threads: list[threading.Thread] = []
+        self._starting = _real_threading().Lock()
         self._closed = False
 
     def run(self, fn: Callable[..., object], /, *args: Any) -> None:
@@ -253,9 +254,11 @@ class Workers(concurrent.futures.Executor):
         self._jobs.put((fn, args))
         # A worker that is free takes the job; until every worker exists, one more is started in case none is.
         if len(self._threads) < self.max_workers:
-            thread = os_thread(self._work, f"{self.thread_name}_{len(self._threads)}")
-            self._threads.append(thread)
-            thread.start()
+            with self._starting:  # `submit` may come from any thread
+                if len(self._threads) < self.max_workers:
+                    thread = os_thread(self._work, f"{self.thread_name}_{len(self._threads)}")
+                    self._threads.append(thread)
+                    thread.start()
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()

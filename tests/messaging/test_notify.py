@@ -3,8 +3,10 @@ batches, pools, requeue, serializers; and NotificationFilter on its own."""
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -15,6 +17,7 @@ from meshbus.messaging import (
     NotificationResult,
     Target,
 )
+from meshbus.messaging.notify import message_id
 from tests.messaging.conftest import WAIT, Api, Inbox
 from tests.messaging.test_rpc import Money, MoneySerializer, RequestContext
 
@@ -79,6 +82,15 @@ def test_every_priority_reaches_its_endpoint_method_on_every_topic(api: Api, top
             }
     ids = Counter(n["metadata"]["message_id"] for n in recorder.inbox.items)
     assert set(ids.values()) == {2}, "each notification goes to both topics under one message id"
+    for notification in recorder.inbox.items:  # oslo's forms: a random UUID, a UTC time without offset
+        message_id, timestamp = notification["metadata"]["message_id"], notification["metadata"]["timestamp"]
+        assert str(uuid.UUID(message_id)) == message_id and uuid.UUID(message_id).version == 4
+        assert uuid.UUID(message_id).variant == uuid.RFC_4122
+        sent = datetime.datetime.fromisoformat(timestamp)
+        assert sent.tzinfo is None
+        assert abs(sent - datetime.datetime.now(datetime.UTC).replace(tzinfo=None)) < datetime.timedelta(
+            minutes=1
+        )
 
 
 def test_prepare_changes_the_publisher(api: Api, topic: str) -> None:
@@ -375,3 +387,11 @@ def test_notifications_of_a_virtual_host_reach_its_listeners(api: Api, topic: st
     api.listener(api.transport(tenant_a), [Target(topic=topic)], [endpoint])
     api.notifier(api.transport(tenant_a), "p", topics=[topic]).info({}, "e", {"n": 1})
     assert endpoint.inbox.wait_for(1) == [{"n": 1}]
+
+
+def test_notification_ids_are_random_uuids() -> None:
+    ids = [message_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:1000]:
+        parsed = uuid.UUID(text)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)

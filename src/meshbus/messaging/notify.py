@@ -18,8 +18,8 @@ import datetime
 import functools
 import inspect
 import logging
+import os
 import re
-import uuid
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from typing import Any, Final, Generic, TypeVar
 
@@ -51,6 +51,16 @@ class NotificationResult:
 
 
 # -- notifiers ----------------------------------------------------------------------------------------------
+
+_VARIANT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+def message_id() -> str:
+    """A random (version 4) UUID as text, as oslo's notifications carry: str(uuid.uuid4()) at a third of
+    its cost."""
+    digits = os.urandom(16).hex()
+    return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{_VARIANT[digits[16]]}{digits[17:20]}-{digits[20:]}"
+
 
 
 class _PriorityMethods(Generic[R]):
@@ -123,12 +133,12 @@ class AsyncNotifier(_PriorityMethods[Coroutine[Any, Any, None]]):
     def _start_notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> asyncio.Future[Any]:
         """On the loop: the notification sent to every topic at once; the future of all of them taken."""
         notification = {
-            "message_id": str(uuid.uuid4()),
+            "message_id": message_id(),
             "publisher_id": self.publisher_id,
             "event_type": event_type,
             "priority": priority.upper(),
             "payload": self.serializer.serialize_entity(ctxt, payload),
-            "timestamp": str(datetime.datetime.now(datetime.UTC).replace(tzinfo=None)),
+            "timestamp": str(datetime.datetime.now(datetime.UTC))[:-6],  # as oslo's: UTC, no offset
         }
         context = self.serializer.serialize_context(ctxt)
         sent = []

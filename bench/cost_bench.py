@@ -13,6 +13,7 @@ Where this VM's throughput moves by a quarter from minute to minute, cost per op
 
 Run: .venv/bin/python bench/cost_bench.py [--op calls|casts|notifications] [--concurrency 16]
      [--client blocking|asyncio|oslo_meshbus] [--server ...] [--seconds 4] [--rounds 1]
+     [--router-config FILE]
 """
 
 from __future__ import annotations
@@ -156,12 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server", choices=CHOICES, help="only this server (default: both faces)")
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per pairing")
     parser.add_argument("--rounds", type=int, default=1, help="times each pairing runs, interleaved")
+    parser.add_argument("--router-config", help="the router's configuration file (default: none)")
     args = parser.parse_args(argv)
     job = Job(args.op, args.concurrency, args.seconds, warmup=1.0)
     clients = [args.client] if args.client else list(FACES)
     servers = [args.server] if args.server else list(FACES)
     try:
-        with router([str(ROUTER), "router"]) as (child, host_port):
+        config = ["--config", args.router_config] if args.router_config else []
+        with router([str(ROUTER), "router", *config]) as (child, host_port):
             for round_ in range(args.rounds):
                 if args.rounds > 1:
                     print(f"# round {round_ + 1}", flush=True)

@@ -62,7 +62,6 @@ def message_id() -> str:
     return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{_VARIANT[digits[16]]}{digits[17:20]}-{digits[20:]}"
 
 
-
 class _PriorityMethods(Generic[R]):
     """One method per priority, each `notify` with that priority."""
 

@@ -51,7 +51,7 @@ def test_every_accepted_message_survives_kill_9_of_the_store_holding_router(tmp_
             router = start_router(tmp_path, "crash", {})
             asyncio.run(_round(router, round_, tally, rng))
         router = start_router(tmp_path, "crash", {})
-        assert router.wait_for_log(r"store .* opened: 1 queues", 5.0)
+        assert router.wait_for_log(r"store .* opened \(sync full\): 1 queues", 5.0)
         asyncio.run(_drain(router, tally))
         router.stop()
     finally:

@@ -367,21 +367,6 @@ class AsyncTransport:
     def _call_ended(self, message_id: str, reply: asyncio.Future[dict[str, Any]]) -> None:
         self._calls.pop(message_id).stop()
 
-    async def call(
-        self,
-        address: str,
-        request: dict[str, Any],
-        context: dict[str, Any],
-        *,
-        timeout: float,
-        retry: int | None,
-        call_monitor_timeout: float | None = None,
-    ) -> dict[str, Any]:
-        """`start_call`, awaited."""
-        return await self.start_call(
-            address, request, context, timeout=timeout, retry=retry, call_monitor_timeout=call_monitor_timeout
-        )
-
     def start_cast(
         self, address: str, payload: bytes, *, at_least_once: bool, timeout: float, retry: int | None
     ) -> asyncio.Future[Any]:
@@ -402,12 +387,6 @@ class AsyncTransport:
             functools.partial(taken.set_result, None),
         ).send()
         return taken
-
-    async def cast(
-        self, address: str, payload: bytes, *, at_least_once: bool, timeout: float, retry: int | None
-    ) -> None:
-        """`start_cast`, awaited."""
-        await self.start_cast(address, payload, at_least_once=at_least_once, timeout=timeout, retry=retry)
 
     def reply(self, payload: bytes, *, at_least_once: bool = True) -> None:
         """Send a reply by its `to`, in the background: until its caller has it, resent with back-off while it

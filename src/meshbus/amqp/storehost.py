@@ -2,8 +2,8 @@
 
 Rules of this module:
 1. It owns the store's asyncio side: a turn of the endpoint whenever it asks (`wake`), one group commit at
-   a time (seal on the loop, write on the writer thread, completion back on the loop), a timer at the
-   store's next message deadline. What the store and the endpoint decide lives in meshbus.store.
+   a time (seal on the loop, write on the writer thread, completion back on the loop by one callback), a
+   timer at the store's next message deadline. What the store and the endpoint decide lives in meshbus.store.
 2. It logs what an operator needs: the store opened (queues, messages recovered, time taken), a write
    that failed, the store closed with its counters.
 """
@@ -15,14 +15,14 @@ import fcntl
 import logging
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
 from meshbus.config import RouterConfig
 from meshbus.router.core import RouterCore
 from meshbus.store.endpoint import StoreEndpoint
-from meshbus.store.engine import EngineFailed
+from meshbus.store.engine import Batch, EngineFailed
 from meshbus.store.queue import QueueLimits
 from meshbus.store.store import Store
 
@@ -40,7 +40,7 @@ class StoreHost:
         self.endpoint = StoreEndpoint(store, core, config.queue_limits(), time.time, self.wake)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshbus-store")
         self._scheduled = False
-        self._commit: asyncio.Task[None] | None = None
+        self._writing: Batch | None = None  # one batch at a time, in the order sealed
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_at: float | None = None  # epoch seconds the timer is armed for
         self._lock: IO[bytes] | None = None  # held while the store is open: one router per store file
@@ -94,34 +94,45 @@ class StoreHost:
             self.endpoint.turn()
         except Exception:
             log.exception("internal error in the store's turn")
-        if self._commit is None:
-            self._commit = self.loop.create_task(self._commit_all())
+        if self._writing is None:
+            self._write_next()
         if self.endpoint.streaming:
             self.loop.call_later(STREAM_POLL, self.wake)
         self._arm_expiry()
 
-    async def _commit_all(self) -> None:
-        """Group commits until nothing is left to write; a batch fills while the previous one is written."""
+    def _write_next(self) -> None:
+        """Seal the open batch and hand it to the writer thread, unless nothing was recorded (or the store has
+        failed: that was reported when it failed, and appends are refused since)."""
         try:
-            while True:
-                try:
-                    batch = self.store.seal()
-                except EngineFailed:
-                    return  # reported when it failed; the appends are refused since
-                if batch is None:
-                    return
-                try:
-                    await self.loop.run_in_executor(self._writer, self.store.write, batch)
-                except EngineFailed as error:
-                    log.error("%s", error)
-                    self.endpoint.failed(batch, error)
-                    return
-                self.endpoint.committed(batch)
+            batch = self.store.seal()
+        except EngineFailed:
+            batch = None
+        self._writing = batch
+        if batch is not None:
+            done = self._writer.submit(self.store.write, batch)
+            done.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self._written, batch, done))
+
+    def _written(self, batch: Batch, done: Future[None]) -> None:
+        """Back on the loop from the writer thread: the next batch goes to the disk before this one's
+        producers are accepted and what it made durable is delivered, so that the disk is not idle while the
+        loop works (with 16 producers waiting, that idle time made a commit's cycle twice its write)."""
+        error = done.exception()
+        if error is not None:
+            self._writing = None
+            if isinstance(error, EngineFailed):
+                log.error("%s", error)
+                self.endpoint.failed(batch, error)
+            else:
+                log.error("internal error in the store's group commit", exc_info=error)
+            return
+        try:
+            self._write_next()
+            self.endpoint.committed(batch)
+            if self._writing is None:  # what the completion itself recorded
+                self._write_next()
         except Exception:
             log.exception("internal error in the store's group commit")
-        finally:
-            self._commit = None
-            self._arm_expiry()
+        self._arm_expiry()
 
     def _arm_expiry(self) -> None:
         deadline = self.store.next_deadline()
@@ -144,8 +155,8 @@ class StoreHost:
         """After the connections have gone: the last commit, then the file is closed."""
         if self._expiry is not None:
             self._expiry.cancel()
-        while self._commit is not None:
-            await self._commit
+        while self._writing is not None:  # the writer runs in order: past this no-op, the write is back
+            await self.loop.run_in_executor(self._writer, _nothing)
         self.endpoint.turn()
         try:
             self.store.close()  # the last commit, on the loop: nothing else runs any more
@@ -155,6 +166,10 @@ class StoreHost:
         if self._lock is not None:
             self._lock.close()
         log.info("store %s closed: %s", self.store.engine.path, self.endpoint.counters)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _lock(path: Path) -> IO[bytes]:

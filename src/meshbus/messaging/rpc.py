@@ -398,7 +398,7 @@ class AsyncRPCServer(AsyncService):
                 await asyncio.sleep(monitor / 2)
                 self.transport.reply(heartbeat, at_least_once=False)
 
-        return asyncio.get_running_loop().create_task(beat())
+        return self.transport.loop.create_task(beat())
 
 
 class RPCServer(BlockingService):

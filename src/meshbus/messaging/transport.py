@@ -674,7 +674,7 @@ class AsyncService:
     def run(self, work: Coroutine[Any, Any, None]) -> None:
         """Handle a message in a task of its own, counted as work in progress."""
         self.begin()
-        task = asyncio.get_running_loop().create_task(work)
+        task = self.transport.loop.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -683,14 +683,15 @@ class AsyncService:
         loop: one hop each way, no task."""
         self.begin()
         # Started on the next turn of the loop, after this turn's output is written: a request's acceptance
-        # is on its way before its endpoint runs.
-        asyncio.get_running_loop().call_soon(self._start_worker, work, then)
+        # is on its way before its endpoint runs. (The transport's loop, not asyncio.get_running_loop(): on
+        # Python 3.11 that costs a getpid() system call.)
+        self.transport.loop.call_soon(self._start_worker, work, then)
 
     def _start_worker(self, work: Callable[[], R], then: Callable[[R], None]) -> None:
         if self.executor is None:
             # OS threads, as asyncio's default executor: even under eventlet this loop's thread has no hub.
             self.executor = green.Workers(DEFAULT_WORKERS, "meshbus-worker")
-        job = functools.partial(self._in_worker, asyncio.get_running_loop(), work, then)
+        job = functools.partial(self._in_worker, self.transport.loop, work, then)
         if isinstance(self.executor, green.Workers):
             self.executor.run(job)  # no future: the job hands its result to the loop itself
         else:

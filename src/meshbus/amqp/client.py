@@ -298,6 +298,7 @@ class ClientConnection:
         self._opened: asyncio.Event = asyncio.Event()
         self._lost: asyncio.Event = asyncio.Event()
         self._flush_scheduled = False
+        self._unframed = False  # transfers written since proton last made frames (see _write)
         self._out = ffi.new("char[]", _CHUNK)  # one buffer for every copy out of proton
         self._opened_waiter: asyncio.Future[None] = self._loop.create_future()
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -452,6 +453,9 @@ class ClientConnection:
     # -- sockets ----------------------------------------------------------------------------------
 
     def _received(self, data: bytes) -> None:
+        if self._unframed:  # before the input, which may take back the credit they were written on
+            self._unframed = False
+            lib.pn_transport_pending(self._transport)
         view = memoryview(data)
         while view:
             capacity = lib.pn_transport_capacity(self._transport)
@@ -493,6 +497,7 @@ class ClientConnection:
         socket, transport = self._socket, self._transport
         if socket is None or transport == ffi.NULL:
             return
+        self._unframed = False  # framed by the pn_transport_pending below
         buffer = self._out
         while True:
             pending = lib.pn_transport_pending(transport)
@@ -688,8 +693,9 @@ class ClientConnection:
         # Proton frames a transfer only when asked for output, and only while the link still has credit. The
         # router may take back a per-address link's credit (its last consumer left) in input read before the
         # next flush: the transfer, not framed yet, would then stay in proton for good, with no outcome ever.
-        # Framing it now spends the credit it was written on; the bytes still go out with the next flush.
-        lib.pn_transport_pending(self._transport)
+        # So the transfers written are framed, spending the credit they were written on, before any input
+        # (`_received`): once for all of them. Their bytes go out with the next flush.
+        self._unframed = True
         self._flush_soon()
         return True
 

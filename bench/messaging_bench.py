@@ -11,6 +11,9 @@ own by PID).
 
 Systems:
   rabbit        oslo.messaging's rabbit driver on RabbitMQ (Debian's rabbitmq-server): the peer
+  rabbit_durable  the same with durable queues (amqp_durable_queues = true), notifications only: meshbus
+                stores notifications durably (fsync'd before they are acknowledged), the rabbit driver by
+                default does not, so this is the like-for-like figure beside the goal's
   blocking      meshbus.messaging's blocking API: Transport, RPCClient, RPCServer, Notifier, listeners
   asyncio       its asyncio API: AsyncRPCClient, AsyncRPCServer... (coroutine endpoints) on uvloop
   oslo_meshbus  oslo.messaging with the meshbus plugin (transport_url meshbus://...)
@@ -77,14 +80,28 @@ class System:
     broker: str  # "meshbus" (a router) or "rabbit"
     concurrency: tuple[int, ...]  # client threads (tasks for the asyncio API) per call/cast/notify run
     unit: str  # what `concurrency` counts
+    kinds: tuple[str, ...] = ("calls", "casts", "notifications")
+    peer: bool = False  # a rabbit driver's: the others' figures are compared with it
 
     def name(self, kind: str, concurrency: int) -> str:
         return f"{self.key}_{kind}_{concurrency}_{self.unit}"
 
 
-RABBIT = System("rabbit", "oslo.messaging 18 rabbit driver, RabbitMQ", "rabbit", (1, 16), "threads")
+RABBIT = System(
+    "rabbit", "oslo.messaging 18 rabbit driver, RabbitMQ", "rabbit", (1, 16), "threads", peer=True
+)
+RABBIT_DURABLE = System(
+    "rabbit_durable",
+    "oslo.messaging 18 rabbit driver, RabbitMQ, durable queues",
+    "rabbit",
+    (16,),
+    "threads",
+    ("notifications",),
+    peer=True,
+)
 SYSTEMS = (
     RABBIT,
+    RABBIT_DURABLE,
     System("blocking", "meshbus.messaging blocking API", "meshbus", (1, 16), "threads"),
     System("asyncio", "meshbus.messaging asyncio API (uvloop)", "meshbus", (1, 16, 100), "tasks"),
     System("oslo_meshbus", "oslo.messaging 18 with the meshbus plugin", "meshbus", (1, 16), "threads"),
@@ -399,14 +416,19 @@ def _oslo_configuration() -> Any:
 
 
 class OsloStack(_BlockingStack):
-    """oslo.messaging 18 (rabbit:// or, with the plugin, meshbus://), threading executor as services use."""
+    """oslo.messaging 18 (rabbit:// or, with the plugin, meshbus://), threading executor as services use;
+    `durable`: the rabbit driver's durable queues (amqp_durable_queues)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, durable: bool = False) -> None:
         import oslo_messaging
+        from oslo_messaging._drivers import amqp
 
         self.om = oslo_messaging
         self.url = url
         self.conf = _oslo_configuration()
+        if durable:  # registered here as the rabbit driver registers it, to be set before the driver loads
+            self.conf.register_opts(amqp.amqp_opts, group="oslo_messaging_rabbit")
+            self.conf.set_override("amqp_durable_queues", True, group="oslo_messaging_rabbit")
         self.transport = oslo_messaging.get_rpc_transport(self.conf, url=url)
 
     @functools.cached_property
@@ -504,6 +526,7 @@ def open_stack(system: str, url: str) -> Stack:
         "asyncio": AsyncStack,
         "oslo_meshbus": OsloStack,
         "rabbit": OsloStack,
+        "rabbit_durable": functools.partial(OsloStack, durable=True),
     }
     return stacks[system](url)
 
@@ -647,7 +670,7 @@ class Figures:
     ) -> None:
         self.values[name] = value
         peer = None
-        if system is not RABBIT and peer_name is not None:
+        if not system.peer and peer_name is not None:
             peer = self.values.get(peer_name)
         report(Figure(name, value, unit, "rabbit" if peer is not None else None, peer, runs))
 
@@ -655,10 +678,12 @@ class Figures:
 def measure(system: System, settings: Settings, figures: Figures) -> None:
     print(f"# {system.key}: {system.title}", flush=True)
     with broker_for(system) as broker, serving(f"{system.key} server", 120, serve, system.key, broker.url):
-        for kind in ("calls", "casts", "notifications"):
+        for kind in system.kinds:
             for concurrency in system.concurrency:
                 job = Job(kind, concurrency, settings.seconds, settings.warmup)
                 measure_load(system, broker, job, figures, settings.repeat)
+        if system is RABBIT_DURABLE:
+            return  # its other figures are the rabbit driver's
         measure_nobody(system, broker, settings.nobody_timeout, figures)
     if system.key == "asyncio":
         return  # the router sees the same connections and links from the asyncio API as from the blocking one
@@ -681,6 +706,11 @@ def measure_load(system: System, broker: Broker, job: Job, figures: Figures, rep
     # The asyncio API's 100 tasks are compared with the rabbit driver's 16 threads (its goal figure).
     peer = RABBIT.name(job.kind, min(job.concurrency, GOAL_CONCURRENCY))
     figures.add(system, name, rates.rate, f"{job.kind}/s", peer, [run.rate for run in runs])
+    durable = RABBIT_DURABLE.name(job.kind, GOAL_CONCURRENCY)
+    if not system.peer and job.concurrency >= GOAL_CONCURRENCY and durable in figures.values:
+        # Notifications again, against the rabbit driver with durability matched (not the goal's peer).
+        matched = f"{name}_durability_matched"
+        report(Figure(matched, rates.rate, f"{job.kind}/s", "rabbit_durable", figures.values[durable]))
     if job.kind == "calls":
         figures.add(system, f"{name}_p50", rates.p50_ms, "ms", f"{peer}_p50")
         figures.add(system, f"{name}_p99", rates.p99_ms, "ms", f"{peer}_p99")
@@ -718,7 +748,7 @@ def goal_check(figures: Figures, systems: Sequence[System]) -> None:
     )
     values = figures.values
     for system in systems:
-        if system is RABBIT:
+        if system.peer:
             continue
         for kind in ("calls", "casts", "notifications"):
             name, peer = system.name(kind, GOAL_CONCURRENCY), RABBIT.name(kind, GOAL_CONCURRENCY)
@@ -731,6 +761,8 @@ def goal_check(figures: Figures, systems: Sequence[System]) -> None:
                 p99 = values[f"{name}_p99"]
                 met = met and p99 < GOAL_P99_MS
                 text += f", p99 {p99:.2f} ms"
+            if kind == "notifications" and (durable := RABBIT_DURABLE.name(kind, GOAL_CONCURRENCY)) in values:
+                text += f" ({values[name] / values[durable]:.1f}x rabbit with durable queues)"
             print(f"{text}: {'met' if met else 'NOT met'}", flush=True)
 
 

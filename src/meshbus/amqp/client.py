@@ -11,6 +11,8 @@ Rules of this module:
    head-of-line blocking between destinations) while that link has credit, and otherwise on the
    connection's anonymous-relay link, where the router routes by `to` and RELEASES at once a message
    nobody consumes: the caller learns "nobody serves this" in a round trip instead of a time-out.
+5. Output is written at the end of the loop's turn, all the turn made in one write; in a long turn (many
+   tasks sending), as soon as it has waited `_FLUSH_WITHIN`, so that the router works while the turn goes on.
 """
 
 from __future__ import annotations

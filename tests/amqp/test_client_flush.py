@@ -7,11 +7,9 @@ import time
 import uuid
 from typing import Any
 
-import pytest
 from proton import Message
 
-from meshbus.amqp import client as client_module
-from meshbus.amqp.client import ClientConnection, Host
+from meshbus.amqp.client import SEND_WITHIN, ClientConnection, Host
 from tests.conftest import Router
 
 WAIT = 10.0
@@ -32,7 +30,7 @@ class CountingSocket:
         return getattr(self.socket, name)
 
 
-def writes_within_one_turn(router: Router, pause: float) -> int:
+def writes_within_one_turn(router: Router, pause: float, *, send_within: float | None) -> int:
     """Socket writes made while one callback sends twice, `pause` seconds apart (before its turn ends)."""
     address = f"test-client-flush-{uuid.uuid4().hex[:8]}"
     payload = bytes(Message(address=address, body="work").encode())
@@ -41,6 +39,7 @@ def writes_within_one_turn(router: Router, pause: float) -> int:
         connection = ClientConnection([Host(router.host, router.port)])
         try:
             await asyncio.wait_for(connection.wait_connected(), WAIT)
+            connection.send_within = send_within
             socket = CountingSocket(connection._socket)
             connection._socket = socket  # type: ignore[assignment]
             counted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -59,13 +58,14 @@ def writes_within_one_turn(router: Router, pause: float) -> int:
     return asyncio.run(scenario())
 
 
-def test_output_waits_for_the_end_of_a_short_turn(
-    default_router: Router, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(client_module, "_FLUSH_WITHIN", 60.0)  # however slow this machine is right now
-    assert writes_within_one_turn(default_router, 0.0) == 0
+def test_sends_wait_for_the_end_of_a_short_turn(default_router: Router) -> None:
+    assert writes_within_one_turn(default_router, 0.0, send_within=60.0) == 0  # however slow this machine is
 
 
-def test_output_is_written_within_a_long_turn(default_router: Router) -> None:
+def test_sends_are_written_within_a_long_turn(default_router: Router) -> None:
     """Tasks sending through one long turn: the router gets the first sends while the turn goes on."""
-    assert writes_within_one_turn(default_router, 3 * client_module._FLUSH_WITHIN) == 1
+    assert writes_within_one_turn(default_router, 3 * SEND_WITHIN, send_within=SEND_WITHIN) == 1
+
+
+def test_without_send_within_sends_wait_for_the_end_of_even_a_long_turn(default_router: Router) -> None:
+    assert writes_within_one_turn(default_router, 3 * SEND_WITHIN, send_within=None) == 0

@@ -703,22 +703,20 @@ class AsyncService:
         if self.executor is None:
             # OS threads, as asyncio's default executor: even under eventlet this loop's thread has no hub.
             self.executor = green.Workers(DEFAULT_WORKERS, "meshbus-worker")
-        job = functools.partial(self._in_worker, self.transport.loop, work, then)
+        job = functools.partial(self._in_worker, work, then)
         if isinstance(self.executor, green.Workers):
             self.executor.run(job)  # no future: the job hands its result to the loop itself
         else:
             self.executor.submit(job)
 
-    def _in_worker(
-        self, loop: asyncio.AbstractEventLoop, work: Callable[[], R], then: Callable[[R], None]
-    ) -> None:
+    def _in_worker(self, work: Callable[[], R], then: Callable[[R], None]) -> None:
         try:
             result = work()
         except Exception:
             log.exception("%s: a worker's job failed", type(self).__name__)
-            loop.call_soon_threadsafe(self.end)
+            self.transport.loop.call_soon_threadsafe(self.end)
             return
-        loop.call_soon_threadsafe(self._after_worker, then, result)
+        self.transport.loop.call_soon_threadsafe(self._after_worker, then, result)
 
     def _after_worker(self, then: Callable[[R], None], result: R) -> None:
         try:

@@ -262,9 +262,7 @@ class Queue:
         self.counters.appended += 1
         self._journal.appended(self, message, payload)
         if cached:
-            for group in self.groups.values():
-                if group.consumers:
-                    self._ready[group] = None
+            self._offer_to_groups()
         return message
 
     def keep(self, message: Message, payload: bytes) -> None:
@@ -279,9 +277,13 @@ class Queue:
         """Every message below offset `end` is durable: those not in memory may be handed out too."""
         if end > self._durable_end:
             self._durable_end = end
-            for group in self.groups.values():
-                if group.consumers:
-                    self._ready[group] = None
+            self._offer_to_groups()
+
+    def _offer_to_groups(self) -> None:
+        """There may be more to hand out: every group with consumers is looked at again."""
+        for group in self.groups.values():
+            if group.consumers:
+                self._ready[group] = None
 
     # -- consumers -----------------------------------------------------------------------------------
 

@@ -170,6 +170,9 @@ class StoreSettings(_Table):
     # commit reaches the operating system, not the disk: it survives the router's crash (kill -9) but maybe
     # not the machine's, and a producer waits for no fsync (bench/README.md has the figures).
     sync: Literal["full", "normal"] = "full"
+    # Seconds a group commit may wait while a consumer holds one of its new messages: what is accepted
+    # meanwhile is never written, and its producer is accepted then. 0: commit at once.
+    commit_delay: float = Field(default=0.002, ge=0, le=1.0, strict=False)
 
 
 _QUEUE_DEFAULTS = QueueLimits()

@@ -55,15 +55,35 @@ def test_a_message_finished_before_its_batch_is_sealed_is_never_written(path: Pa
     store.append(QUEUE, b"quick", None, NOW, "producer-1")
     store.append(QUEUE, b"slow", None, NOW, "producer-2")
     assert sent(store, "c") == [(0, 0, b"quick"), (1, 0, b"slow")], "in memory: delivered at once"
+    assert store.finished_before_written() == []
     store.settle("c", 0, Settlement.ACCEPTED, NOW, token="ack")
+    # Its producer may be accepted now: the consumer has it, and nothing of it is left to write.
+    assert store.finished_before_written() == ["producer-1"]
     batch = store.seal()
     assert batch is not None and list(batch.inserts) == [1 << 40 | 1] and not batch.deletes
     store.write(batch)
-    # Its producer is accepted only now, with the batch that no longer needs to hold it.
-    assert store.completed(batch) == ["producer-1", "producer-2", "ack"]
+    assert store.completed(batch) == ["producer-2", "ack"]
     rows = sqlite3.connect(path).execute("SELECT payload FROM messages").fetchall()
     assert rows == [(b"slow",)]
     store.close()
+
+
+def test_a_message_dead_lettered_before_it_was_written_is_accepted_with_its_dead_letter(path: Path) -> None:
+    store = Store.open(path, lambda address: QueueLimits(dead_letter=None if address == "dead" else "dead"))
+    store.attach(QUEUE, "c")
+    store.append(QUEUE, b"bad", None, NOW, "producer")
+    assert sent(store, "c") == [(0, 0, b"bad")]
+    store.settle("c", 0, Settlement.REJECTED, NOW)
+    assert store.finished_before_written() == [], "its only copy is the dead letter, not yet written"
+    batch = store.seal()
+    assert batch is not None
+    store.write(batch)
+    assert store.completed(batch) == ["producer"]
+    store.close()
+    reopened = Store.open(path, limits_for)
+    reopened.attach("dead", "d")
+    assert [p for _, _, p in sent(reopened, "d")] == [b"bad"]
+    reopened.close()
 
 
 def test_a_restart_brings_back_what_was_durable(path: Path) -> None:
@@ -197,3 +217,35 @@ def test_recovery_drops_marks_whose_message_or_group_is_gone(path: Path) -> None
     Store.open(path, limits_for).close()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*) FROM marks").fetchone() == (0,)
+
+
+def test_a_commit_waits_only_while_a_consumer_holds_one_of_its_messages(path: Path) -> None:
+    store = Store.open(path, lambda address: QueueLimits(), commit_delay=0.002)
+    assert store.commit_due(10.0) is None, "nothing to write"
+    store.attach(QUEUE, "c")
+    store.append(QUEUE, b"waits", None, NOW, "p0")
+    assert store.commit_due(10.0) == 0.0, "no consumer holds it: waiting would only delay its producer"
+    store.flush()
+    assert sent(store, "c") == [(0, 0, b"waits")]
+    assert store.commit_due(10.0) is None, "held, but written already"
+    store.settle("c", 0, Settlement.ACCEPTED, NOW)
+    store.flush()
+    store.append(QUEUE, b"one", None, NOW, "p1")
+    assert sent(store, "c") == [(1, 0, b"one")]
+    assert store.commit_due(10.0) == pytest.approx(0.002)
+    assert store.commit_due(10.0015) == pytest.approx(0.0005), "counted from when the batch began"
+    store.append(QUEUE, b"two", None, NOW, "p2")
+    store.settle("c", 1, Settlement.ACCEPTED, NOW)
+    assert store.finished_before_written() == ["p1"]
+    assert store.commit_due(10.0016) == 0.0, "what is left is held by nobody"
+    store.flush()
+    assert sent(store, "c") == [(2, 0, b"two")]
+    store.settle("c", 2, Settlement.ACCEPTED, NOW)  # written already: its deletion is recorded
+    assert store.commit_due(20.0) == 0.0
+    store.flush()
+    store.append(QUEUE, b"three", None, NOW, "p3")
+    assert sent(store, "c") == [(3, 0, b"three")]
+    store.settle("c", 3, Settlement.ACCEPTED, NOW)
+    assert store.finished_before_written() == ["p3"]
+    assert store.commit_due(30.0) is None, "only the group's cursor moved: nothing worth a commit"
+    store.close()

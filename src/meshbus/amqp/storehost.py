@@ -2,8 +2,9 @@
 
 Rules of this module:
 1. It owns the store's asyncio side: a turn of the endpoint whenever it asks (`wake`), one group commit at
-   a time (seal on the loop, write on the writer thread, completion back on the loop by one callback), a
-   timer at the store's next message deadline. What the store and the endpoint decide lives in meshbus.store.
+   a time (sealed on the loop when the store says it is due, written on the writer thread, completion back
+   on the loop by one callback), a timer for a commit the store wants later, a timer at the store's next
+   message deadline. What the store and the endpoint decide lives in meshbus.store.
 2. It logs what an operator needs: the store opened (queues, messages recovered, time taken), a write
    that failed, the store closed with its counters.
 """
@@ -41,6 +42,7 @@ class StoreHost:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshbus-store")
         self._scheduled = False
         self._writing: Batch | None = None  # one batch at a time, in the order sealed
+        self._commit_timer: asyncio.TimerHandle | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_at: float | None = None  # epoch seconds the timer is armed for
         self._lock: IO[bytes] | None = None  # held while the store is open: one router per store file
@@ -61,7 +63,9 @@ class StoreHost:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             lock = _lock(path)
-            store = Store.open(path, limits_of, synchronous=config.store.sync.upper())
+            store = Store.open(
+                path, limits_of, synchronous=config.store.sync.upper(), commit_delay=config.store.commit_delay
+            )
         except (OSError, sqlite3.Error) as error:
             raise SystemExit(
                 f"meshbus: error: cannot open the store {path}: {error}; check the [store] path and its "
@@ -94,11 +98,31 @@ class StoreHost:
             self.endpoint.turn()
         except Exception:
             log.exception("internal error in the store's turn")
-        if self._writing is None:
-            self._write_next()
+        self._commit_when_due()
         if self.endpoint.streaming:
             self.loop.call_later(STREAM_POLL, self.wake)
         self._arm_expiry()
+
+    def _commit_when_due(self) -> None:
+        """Unless a batch is being written (its completion asks again): seal and write the open batch if the
+        store says it is due, else have the timer ask again when it will be."""
+        if self._writing is not None:
+            return
+        due = self.store.commit_due(self.loop.time())
+        if due is None:
+            return
+        if due > 0:
+            if self._commit_timer is None:
+                self._commit_timer = self.loop.call_later(due, self._commit_timer_fired)
+            return
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
+        self._write_next()
+
+    def _commit_timer_fired(self) -> None:
+        self._commit_timer = None
+        self._commit_when_due()
 
     def _write_next(self) -> None:
         """Seal the open batch and hand it to the writer thread, unless nothing was recorded (or the store has
@@ -116,9 +140,9 @@ class StoreHost:
         """Back on the loop from the writer thread: the next batch goes to the disk before this one's
         producers are accepted and what it made durable is delivered, so that the disk is not idle while the
         loop works (with 16 producers waiting, that idle time made a commit's cycle twice its write)."""
+        self._writing = None
         error = done.exception()
         if error is not None:
-            self._writing = None
             if isinstance(error, EngineFailed):
                 log.error("%s", error)
                 self.endpoint.failed(batch, error)
@@ -126,10 +150,9 @@ class StoreHost:
                 log.error("internal error in the store's group commit", exc_info=error)
             return
         try:
-            self._write_next()
+            self._commit_when_due()
             self.endpoint.committed(batch)
-            if self._writing is None:  # what the completion itself recorded
-                self._write_next()
+            self._commit_when_due()  # what the completion itself recorded
         except Exception:
             log.exception("internal error in the store's group commit")
         self._arm_expiry()
@@ -153,8 +176,9 @@ class StoreHost:
 
     async def close(self) -> None:
         """After the connections have gone: the last commit, then the file is closed."""
-        if self._expiry is not None:
-            self._expiry.cancel()
+        for timer in (self._expiry, self._commit_timer):
+            if timer is not None:
+                timer.cancel()
         while self._writing is not None:  # the writer runs in order: past this no-op, the write is back
             await self.loop.run_in_executor(self._writer, _nothing)
         self.endpoint.turn()

@@ -7,8 +7,8 @@ Rules of this module:
    asks for a turn, then `turn()`, `sealed()`/`committed(batch)`/`failed(batch)` and `expire()`.
 2. Ingress: on each queue address X that gets an entry, the endpoint consumes through a link of its own
    (`intake`). A producer's delivery is appended with (link, delivery) as its token and accepted once its
-   batch is written; refused (QueueFull: amqp:resource-limit-exceeded; EngineFailed: amqp:internal-error)
-   or expired at once. The link's credit is what the store allows (`intake_credit`), reviewed after each
+   batch is written, or once every pool has accepted it if that came first; refused (QueueFull:
+   amqp:resource-limit-exceeded; EngineFailed: amqp:internal-error) or expired at once. The link's credit is what the store allows (`intake_credit`), reviewed after each
    commit: producers to a queue get credit at the pace of the disk.
 3. Egress: while the core says `_queue/<pool>/X` is reachable (its consumers, here or elsewhere), a
    producer link of the endpoint feeds it from the store's group `pool` of X; the core's credit for that
@@ -219,6 +219,8 @@ class StoreEndpoint:
         """Report the outcomes known since the last turn, then hand the consumers what the store has."""
         now = self.clock()
         core = self.core
+        for token in self.store.finished_before_written():
+            core.consumer_outcome(*_intake(token), ACCEPTED, settled=True)
         pending, self._pending = self._pending, []
         for item in pending:
             delivery = item.delivery
@@ -264,7 +266,7 @@ class StoreEndpoint:
     def failed(self, batch: Batch, error: EngineFailed) -> None:
         """Writing `batch` failed: its producers' messages are refused (the store takes no more)."""
         outcome = rejected("amqp:internal-error", str(error))
-        for token in batch.tokens:
+        for token in batch.all_tokens():
             self.core.consumer_outcome(*_intake(token), outcome, settled=True)
 
     def _review_credit(self) -> None:

@@ -8,7 +8,10 @@ Rules of this module:
    loop); `seal()` closes it, and `write(batch)` makes it durable with one transaction and one fsync, on a
    writer thread or synchronously. Batches are written one at a time, in the order they were sealed; while
    one is written the next one fills, so batches grow with the load. Whatever a batch carries (a message,
-   an acknowledgement, the tokens given to `when_durable`) is durable once `write` has returned.
+   an acknowledgement, the tokens given to `when_durable` and `when_stored`) is durable once `write` has
+   returned. A batch that holds nothing but cursors is not sealed: they ride with the next one.
+   A message deleted before its batch was sealed is never written, and its `when_stored` token is final
+   at once (`take_finished_unwritten`).
 3. The writer touches only the sealed batch and its own connection. Payloads are read back on another
    connection, which sees the last committed state while a write is under way (WAL).
 4. A failed write (disk full, I/O error) leaves the file as after the last good batch: it is rolled back
@@ -30,6 +33,7 @@ from typing import Any, Final
 from meshbus.store.queue import Group, GroupRecord, Message, Queue
 
 OFFSET_BITS: Final = 40  # offsets per queue: 2**40
+OFFSET_MASK: Final = (1 << OFFSET_BITS) - 1
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS queues (
     id INTEGER PRIMARY KEY, address TEXT NOT NULL UNIQUE, next_offset INTEGER NOT NULL);
@@ -72,10 +76,12 @@ class Batch:
     cursors: dict[int, int] = field(default_factory=dict)  # group id -> cursor
     next_offsets: dict[int, int] = field(default_factory=dict)  # queue id -> next offset
     ends: dict[str, int] = field(default_factory=dict)  # address -> offset below which all is appended
-    tokens: list[object] = field(default_factory=list)
+    tokens: list[object] = field(default_factory=list)  # when_durable's
+    stored: dict[int, object] = field(default_factory=dict)  # when_stored's, by the key of their insert
     bytes: int = 0  # payload bytes carried
 
     def __bool__(self) -> bool:
+        """Whether it needs writing. Cursors alone do not: they only raise delivery counts at recovery."""
         return any(
             (
                 self.structure,
@@ -83,10 +89,13 @@ class Batch:
                 self.counts,
                 self.finished,
                 self.deletes,
-                self.cursors,
                 self.tokens,
             )
         )
+
+    def all_tokens(self) -> list[object]:
+        """The tokens this batch makes durable: its messages' producers first."""
+        return [*self.stored.values(), *self.tokens]
 
 
 @dataclass(slots=True)
@@ -112,6 +121,7 @@ class Engine:
         self._queue_ids: dict[str, int] = dict(
             self._reader.execute("SELECT address, id FROM queues").fetchall()
         )
+        self._addresses = {queue_id: address for address, queue_id in self._queue_ids.items()}
         self._group_ids: dict[tuple[str, str], int] = {}
         for address, name, group_id in self._reader.execute(
             "SELECT q.address, g.name, g.id FROM groups AS g JOIN queues AS q ON q.id = g.queue"
@@ -121,6 +131,7 @@ class Engine:
         self._last_group_id = max(self._group_ids.values(), default=0)
         self._open = Batch()
         self._unwritten = 0  # payload bytes recorded and not yet written
+        self._finished_unwritten: list[object] = []  # when_stored tokens of messages deleted before sealing
         self._failure: BaseException | None = None
 
     def _connect(self, synchronous: str) -> sqlite3.Connection:
@@ -146,7 +157,7 @@ class Engine:
         writer.execute("COMMIT")
         marks: dict[int, dict[int, tuple[int, bool]]] = {}
         for key, group_id, count, finished in self._reader.execute("SELECT * FROM marks"):
-            marks.setdefault(group_id, {})[key & ((1 << OFFSET_BITS) - 1)] = (count, bool(finished))
+            marks.setdefault(group_id, {})[key & OFFSET_MASK] = (count, bool(finished))
         groups: dict[int, list[GroupRecord]] = {}
         for group_id, queue_id, name, start, cursor in self._reader.execute(
             "SELECT id, queue, name, start, cursor FROM groups ORDER BY id"
@@ -185,6 +196,7 @@ class Engine:
         if queue_id is None:
             self._last_queue_id = queue_id = self._last_queue_id + 1
             self._queue_ids[queue.address] = queue_id
+            self._addresses[queue_id] = queue.address
             self._open.structure.append(
                 ("INSERT INTO queues VALUES (?, ?, ?)", (queue_id, queue.address, queue.next_offset))
             )
@@ -213,6 +225,9 @@ class Engine:
         if batch.inserts.pop(key, None) is not None:
             batch.bytes -= message.size  # appended and deleted before any write: never written
             self._unwritten -= message.size
+            token = batch.stored.pop(key, None)
+            if token is not None:
+                self._finished_unwritten.append(token)
             return
         batch.deletes.append((key,))
         if marked:
@@ -241,6 +256,29 @@ class Engine:
     def when_durable(self, token: object) -> None:
         """Report `token` with the batch that makes everything recorded so far durable."""
         self._open.tokens.append(token)
+
+    def when_stored(self, queue: Queue, message: Message, token: object) -> None:
+        """Report `token` with the batch that writes this message, just appended; or, if the message is
+        deleted before its batch is sealed, from `take_finished_unwritten` (nothing of it is left to
+        write)."""
+        self._open.stored[self._queue_ids[queue.address] << OFFSET_BITS | message.offset] = token
+
+    def take_finished_unwritten(self) -> list[object]:
+        """The `when_stored` tokens of the messages deleted before their batch was sealed, since last
+        asked."""
+        tokens, self._finished_unwritten = self._finished_unwritten, []
+        return tokens
+
+    def unwritten(self) -> Iterator[tuple[str, int]]:
+        """The (queue address, offset) of the messages the open batch would write."""
+        addresses = self._addresses
+        for key in self._open.inserts:
+            yield addresses[key >> OFFSET_BITS], key & OFFSET_MASK
+
+    @property
+    def has_records(self) -> bool:
+        """Whether the open batch needs writing."""
+        return bool(self._open)
 
     # -- group commit --------------------------------------------------------------------------------
 
@@ -288,7 +326,7 @@ class Engine:
     def completed(self, batch: Batch) -> list[object]:
         """On the thread that records: `batch` was written. Returns its tokens."""
         self._unwritten -= batch.bytes
-        return batch.tokens
+        return batch.all_tokens()
 
     def close(self) -> None:
         """Close the file (after the last write). The WAL is folded into the database first."""

@@ -3,7 +3,12 @@
 Rules of this module:
 1. It routes each call to its queue (queues are created on first use), moves dead letters to their queue,
    fills in the payloads a delivery needs from the engine, and reports durability: a token given with an
-   append or a settlement comes back from `completed` once the batch carrying it is written.
+   append or a settlement comes back from `completed` once the batch carrying it is written; an append's
+   comes back from `finished_before_written` instead if every group finished the message before its batch
+   was sealed (nothing is left to write, and its dead letter, if any, is durable first).
+4. When to seal (`commit_due`): at once, unless a consumer holds a message of the open batch. Then the
+   batch waits up to `commit_delay` from when it began, and what is accepted meanwhile is never written:
+   a consumer that keeps up costs the disk nothing, and its producers wait for it rather than the disk.
 2. It reads no clock and opens no socket; it does file I/O only through the engine, and only where the
    caller asks (`open`, `write`, `flush`, `close`, and payload reads in `deliveries` and for dead letters).
 3. Who drives it: one thread (the event loop) calls everything except `write`, which may run on a writer
@@ -48,9 +53,13 @@ class Outgoing:
 class Store:
     """The queues of one store file."""
 
-    def __init__(self, engine: Engine, limits: Callable[[str], QueueLimits]) -> None:
+    def __init__(
+        self, engine: Engine, limits: Callable[[str], QueueLimits], commit_delay: float = 0.0
+    ) -> None:
         self.engine = engine
         self._limits = limits
+        self.commit_delay = commit_delay  # seconds
+        self._open_since: float | None = None  # when commit_due first saw the open batch
         self.queues: dict[str, Queue] = {}
         self._consumers: dict[Consumer, Queue] = {}
         self._touched: dict[Queue, None] = {}  # queues that may have deliveries to hand out
@@ -58,11 +67,16 @@ class Store:
 
     @classmethod
     def open(
-        cls, path: str | Path, limits: Callable[[str], QueueLimits], *, synchronous: str = "FULL"
+        cls,
+        path: str | Path,
+        limits: Callable[[str], QueueLimits],
+        *,
+        synchronous: str = "FULL",
+        commit_delay: float = 0.0,
     ) -> Store:
         """Open (or create) the store file and rebuild its queues."""
         engine = Engine(path, synchronous=synchronous)
-        store = cls(engine, limits)
+        store = cls(engine, limits, commit_delay)
         for state in engine.recover():
             store.queues[state.address] = Queue.restore(
                 state.address, limits(state.address), engine, state.next_offset, state.messages, state.groups
@@ -79,14 +93,15 @@ class Store:
     # -- producers -----------------------------------------------------------------------------------
 
     def append(self, address: str, payload: bytes, deadline: float | None, now: float, token: object) -> bool:
-        """Store a producer's message; `token` comes back from `completed` once it is durable. False: it had
-        expired, nothing stored, no token. Raises QueueFull (the producer's message is refused) or
-        EngineFailed (the file cannot be written)."""
+        """Store a producer's message; `token` comes back from `completed` once it is durable, or from
+        `finished_before_written`. False: it had expired, nothing stored, no token. Raises QueueFull (the
+        producer's message is refused) or EngineFailed (the file cannot be written)."""
         self.engine.check()
         queue = self.queue(address)
-        if queue.append(payload, deadline, now) is None:
+        message = queue.append(payload, deadline, now)
+        if message is None:
             return False
-        self.engine.when_durable(token)
+        self.engine.when_stored(queue, message, token)
         self._touched[queue] = None
         return True
 
@@ -157,6 +172,15 @@ class Store:
             self.queue(letter.address).append(payload, message.deadline, now)
         except QueueFull:
             self.dead_letters_refused += 1
+        # A message dead-lettered before it was written lives on only in the open batch: its producer's
+        # token waits for that batch (as may others finished in the same call: the safe side).
+        for token in self.engine.take_finished_unwritten():
+            self.engine.when_durable(token)
+
+    def finished_before_written(self) -> list[object]:
+        """Tokens of appends that every group finished before they were written (accepted, expired, their
+        group dropped): final now, since last asked."""
+        return self.engine.take_finished_unwritten()
 
     def drop_group(self, address: str, group: str) -> None:
         self.queues[address].drop_group(group)
@@ -172,7 +196,28 @@ class Store:
 
     # -- group commit --------------------------------------------------------------------------------
 
+    def commit_due(self, now: float) -> float | None:
+        """Seconds until the open batch should be sealed (0: now), or None if it needs no writing. `now`:
+        any clock's seconds, the same at every call."""
+        if not self.engine.has_records:
+            self._open_since = None
+            return None
+        if self._open_since is None:
+            self._open_since = now
+        if self.commit_delay > 0 and self._held_unwritten():
+            return max(0.0, self._open_since + self.commit_delay - now)
+        return 0.0
+
+    def _held_unwritten(self) -> bool:
+        """Whether a consumer holds a message of the open batch."""
+        for address, offset in self.engine.unwritten():
+            message = self.queues[address].get(offset)
+            if message is not None and message.held:
+                return True
+        return False
+
     def seal(self) -> Batch | None:
+        self._open_since = None
         return self.engine.seal()
 
     def write(self, batch: Batch) -> None:

@@ -8,8 +8,9 @@ Rules of this module:
 2. Ingress: on each queue address X that gets an entry, the endpoint consumes through a link of its own
    (`intake`). A producer's delivery is appended with (link, delivery) as its token and accepted once its
    batch is written, or once every pool has accepted it if that came first; refused (QueueFull:
-   amqp:resource-limit-exceeded; EngineFailed: amqp:internal-error) or expired at once. The link's credit is what the store allows (`intake_credit`), reviewed after each
-   commit: producers to a queue get credit at the pace of the disk.
+   amqp:resource-limit-exceeded; EngineFailed: amqp:internal-error) or expired at once. The link's credit
+   is what the store allows (`intake_credit`), reviewed after each commit: producers to a queue get credit
+   at the pace of the disk.
 3. Egress: while the core says `_queue/<pool>/X` is reachable (its consumers, here or elsewhere), a
    producer link of the endpoint feeds it from the store's group `pool` of X; the core's credit for that
    link is the group's credit in the store, and each consumer's outcome is the store's settlement.

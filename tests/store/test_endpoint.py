@@ -19,10 +19,11 @@ RULE = QueueRule(prefix="q")
 
 
 class Fixture:
-    def __init__(self, path: Path, max_depth: int = 100) -> None:
+    def __init__(self, path: Path, max_depth: int = 100, commit_delay: float = 0.0) -> None:
         self.edge = RecordingEdge()
         self.core = RouterCore(self.edge, DistributionRules([]), "test", "1", QueueRules([RULE]))
-        self.store = Store.open(path, lambda address: QueueLimits(max_depth=max_depth))
+        limits = QueueLimits(max_depth=max_depth)
+        self.store = Store.open(path, lambda address: limits, commit_delay=commit_delay)
         self.wakes = 0
         self.endpoint = StoreEndpoint(self.store, self.core, [RULE], lambda: NOW, self.wake)
         self.endpoint.start()
@@ -66,12 +67,29 @@ def test_the_store_link_credit_is_what_the_store_allows(tmp_path: Path) -> None:
     intake = roomy.endpoint.intake["q/a"]
     assert intake.credit == INTAKE_WINDOW - 1
     roomy.commit()
-    assert intake.credit == INTAKE_WINDOW, "reviewed after the commit"
+    assert intake.credit == INTAKE_WINDOW, "reviewed at the commit's turn"
     assert "_store/prefix:q" in roomy.core.entries, "the router advertises the rule it stores"
     small = Fixture(tmp_path / "small.db", max_depth=3)
     small.send("q/a", "m")
     small.commit()
     assert small.endpoint.intake["q/a"].credit == 2, "capped by the queue's room"
+
+
+def test_a_consumer_that_keeps_up_keeps_producers_going_with_nothing_written(tmp_path: Path) -> None:
+    fixture = Fixture(tmp_path / "store.db", commit_delay=1.0)
+    consumer = fixture.core.attach_consumer(object(), "q/a")
+    fixture.commit()  # the queue and its group
+    for index in range(INTAKE_WINDOW + 10):  # past the intake's first credit: more comes without commits
+        fixture.core.consumer_credit(consumer, 1, False, NOW)
+        delivery = fixture.send("q/a", f"m{index}")
+        fixture.endpoint.turn()
+        assert fixture.store.commit_due(NOW) == pytest.approx(1.0), "the consumer holds its message"
+        (sent,) = fixture.edge.sent_to(consumer)[-1:]
+        fixture.core.consumer_outcome(consumer, fixture.edge.handle(consumer, sent), ACCEPTED, True)
+        fixture.endpoint.turn()
+        assert fixture.edge.outcome(delivery) == ACCEPTED, f"message {index}: accepted once consumed"
+    assert fixture.store.commit_due(NOW) is None, "nothing worth a commit"
+    assert fixture.store.queues["q/a"].depth == 0
 
 
 def test_a_full_queue_refuses_with_resource_limit_exceeded(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ Rules of this module:
    (`intake`). A producer's delivery is appended with (link, delivery) as its token and accepted once its
    batch is written, or once every pool has accepted it if that came first; refused (QueueFull:
    amqp:resource-limit-exceeded; EngineFailed: amqp:internal-error) or expired at once. The link's credit
-   is what the store allows (`intake_credit`), reviewed after each commit: producers to a queue get credit
-   at the pace of the disk.
+   is what the store allows (`intake_credit`), reviewed at each turn: none while the disk lags too far
+   behind.
 3. Egress: while the core says `_queue/<pool>/X` is reachable (its consumers, here or elsewhere), a
    producer link of the endpoint feeds it from the store's group `pool` of X; the core's credit for that
    link is the group's credit in the store, and each consumer's outcome is the store's settlement.
@@ -222,6 +222,7 @@ class StoreEndpoint:
         core = self.core
         for token in self.store.finished_before_written():
             core.consumer_outcome(*_intake(token), ACCEPTED, settled=True)
+        self._review_credit()
         pending, self._pending = self._pending, []
         for item in pending:
             delivery = item.delivery
@@ -257,11 +258,10 @@ class StoreEndpoint:
         return bool(self._pending)
 
     def committed(self, batch: Batch) -> None:
-        """`batch` was written: accept the producers' messages it made durable, review the intake credit."""
+        """`batch` was written: accept the producers' messages it made durable."""
         core = self.core
         for token in self.store.completed(batch):
             core.consumer_outcome(*_intake(token), ACCEPTED, settled=True)
-        self._review_credit()
         self.turn()
 
     def failed(self, batch: Batch, error: EngineFailed) -> None:
@@ -278,7 +278,7 @@ class StoreEndpoint:
                 continue
             credit = self.intake_credit(link.address)
             if credit == 0:
-                self._review[link] = None  # again after the next commit
+                self._review[link] = None  # again at the next turn
             if credit != link.credit:
                 self.core.consumer_credit(link, credit, False, now)
 

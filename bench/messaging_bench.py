@@ -19,6 +19,7 @@ Systems:
   oslo_meshbus  oslo.messaging with the meshbus plugin (transport_url meshbus://...)
 
 Run: .venv/bin/python bench/messaging_bench.py [--quick] [--only meshbus|rabbit] [--repeat N]
+     [--kinds calls,casts,notifications]  (with --kinds: those load figures only)
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class Settings:
     idle_servers: int
     nobody_timeout: float  # the call time-out while calling a topic nobody serves
     only: str | None  # "meshbus" or "rabbit"
+    kinds: tuple[str, ...] | None  # load figures of these kinds only (no call to nobody, no memory)
     repeat: int  # runs of each load figure, its median reported: this VM's figures move by a quarter
 
     def systems(self) -> list[System]:
@@ -677,13 +679,14 @@ class Figures:
 
 def measure(system: System, settings: Settings, figures: Figures) -> None:
     print(f"# {system.key}: {system.title}", flush=True)
+    kinds = [kind for kind in system.kinds if settings.kinds is None or kind in settings.kinds]
     with broker_for(system) as broker, serving(f"{system.key} server", 120, serve, system.key, broker.url):
-        for kind in system.kinds:
+        for kind in kinds:
             for concurrency in system.concurrency:
                 job = Job(kind, concurrency, settings.seconds, settings.warmup)
                 measure_load(system, broker, job, figures, settings.repeat)
-        if system is RABBIT_DURABLE:
-            return  # its other figures are the rabbit driver's
+        if system is RABBIT_DURABLE or settings.kinds is not None:
+            return  # its other figures are the rabbit driver's, or were not asked for
         measure_nobody(system, broker, settings.nobody_timeout, figures)
     if system.key == "asyncio":
         return  # the router sees the same connections and links from the asyncio API as from the blocking one
@@ -790,8 +793,17 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs of each load figure; the median is reported (default 1)"
     )
+    parser.add_argument(
+        "--kinds",
+        help="comma-separated load figures to measure (calls, casts, notifications) and nothing else",
+    )
     args = parser.parse_args(argv)
     quick = bool(args.quick)
+    kinds = None if args.kinds is None else tuple(args.kinds.split(","))
+    if kinds is not None and (unknown := set(kinds) - {"calls", "casts", "notifications"}):
+        parser.error(
+            f"--kinds: unknown {', '.join(sorted(unknown))}; choose from calls, casts, notifications"
+        )
     return Settings(
         seconds=args.seconds or (1.0 if quick else 5.0),
         warmup=0.3 if quick else 1.0,
@@ -799,6 +811,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         # The rabbit driver waits out the time-out: 10 s as the issue measured it, 2 s in a smoke run.
         nobody_timeout=2.0 if quick else 10.0,
         only=args.only,
+        kinds=kinds,
         repeat=max(args.repeat, 1),
     )
 

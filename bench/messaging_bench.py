@@ -12,8 +12,9 @@ own by PID).
 Systems:
   rabbit        oslo.messaging's rabbit driver on RabbitMQ (Debian's rabbitmq-server): the peer
   rabbit_durable  the same with durable queues (amqp_durable_queues = true), notifications only: meshbus
-                stores notifications durably (fsync'd before they are acknowledged), the rabbit driver by
-                default does not, so this is the like-for-like figure beside the goal's
+                stores notifications durably (fsync'd before they are acknowledged, unless the listener
+                accepted them first), the rabbit driver by default does not, so this is the like-for-like
+                figure beside the goal's
   blocking      meshbus.messaging's blocking API: Transport, RPCClient, RPCServer, Notifier, listeners
   asyncio       its asyncio API: AsyncRPCClient, AsyncRPCServer... (coroutine endpoints) on uvloop
   oslo_meshbus  oslo.messaging with the meshbus plugin (transport_url meshbus://...)

@@ -89,6 +89,20 @@ def test_notifications_sent_before_any_listener_are_all_delivered_to_the_first(
     assert endpoint.inbox.wait_for(50) == list(range(50))
 
 
+def test_notifications_a_listener_accepts_before_their_commit_are_never_written(
+    router: Start, transports: Any, listeners: Any
+) -> None:
+    started = router({"store": {"commit_delay": 1.0}})
+    endpoint = Listening()
+    listeners(transports(started.url), "quick", endpoint)
+    notifier = Notifier(transports(started.url), "q", topics=["quick"])
+    for n in range(50):
+        notifier.info({}, "e", n)  # returns once the listener has accepted it, long before any commit
+    assert endpoint.inbox.wait_for(50) == list(range(50))
+    started.stop()
+    assert "stored=50 refused=0 failed=0 consumed_unwritten=50" in started.log()
+
+
 def test_each_pool_gets_every_notification_and_its_members_share_them(
     router: Start, transports: Any, listeners: Any
 ) -> None:

@@ -80,6 +80,7 @@ class EndpointCounters:
     stored: int = 0
     refused: int = 0  # the queue was full
     failed: int = 0  # the store could not be written
+    consumed_unwritten: int = 0  # of those stored: accepted by every pool before their write (never written)
 
     def __str__(self) -> str:
         return " ".join(f"{item.name}={getattr(self, item.name)}" for item in fields(self))
@@ -220,7 +221,9 @@ class StoreEndpoint:
         """Report the outcomes known since the last turn, then hand the consumers what the store has."""
         now = self.clock()
         core = self.core
-        for token in self.store.finished_before_written():
+        consumed = self.store.finished_before_written()
+        self.counters.consumed_unwritten += len(consumed)
+        for token in consumed:
             core.consumer_outcome(*_intake(token), ACCEPTED, settled=True)
         self._review_credit()
         pending, self._pending = self._pending, []

@@ -4,6 +4,7 @@ batches, pools, requeue, serializers; and NotificationFilter on its own."""
 from __future__ import annotations
 
 import datetime
+import os
 import threading
 import time
 import uuid
@@ -395,3 +396,13 @@ def test_notification_ids_are_random_uuids() -> None:
     for text in ids[:1000]:
         parsed = uuid.UUID(text)
         assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+
+
+def test_a_forked_child_makes_ids_of_its_own() -> None:
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: its first id, then out without pytest's teardown
+        os.write(write, message_id().encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert os.read(read, 64).decode() != message_id()

@@ -25,7 +25,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -494,6 +494,17 @@ class ClientConnection:
             # Marked retrieved: its connect attempt may be gone (timed out, the connection closed), and the
             # error would be logged as never retrieved when the future is collected.
             waiter.exception()
+
+    @contextlib.contextmanager
+    def sending_at_end_of_turn(self) -> Iterator[None]:
+        """Within it, transfers wait for the end of the loop's turn whatever `send_within` says: for a turn
+        that only sends what other threads prepared (short: written early, its writes would compete with
+        those threads for their core)."""
+        send_within, self.send_within = self.send_within, None
+        try:
+            yield
+        finally:
+            self.send_within = send_within
 
     def _flush_soon(self, within: float | None = None) -> None:
         """Write the output at the end of this turn of the loop, with all the turn adds to it; or, given

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import logging
@@ -556,20 +557,14 @@ class Transport:
         # The callers' sends: their work was done on their own threads, so this turn is short, and its sends
         # go in one write at its end (written sooner, they cost the core the callers share 6% of casts/s).
         connection = self._connection
-        send_within = None
-        if connection is not None:
-            send_within, connection.send_within = connection.send_within, None
-        inbox = self._inbox
-        try:
+        with contextlib.nullcontext() if connection is None else connection.sending_at_end_of_turn():
+            inbox = self._inbox
             while inbox:
                 callback, args = inbox.popleft()
                 try:
                     callback(*args)
                 except Exception:  # the rest of the inbox still runs
                     log.exception("a callback handed to the I/O thread failed")
-        finally:
-            if connection is not None:
-                connection.send_within = send_within
 
     def _start(
         self, start: Callable[..., asyncio.Future[T]], args: tuple[Any, ...], waiter: _Waiter[T]

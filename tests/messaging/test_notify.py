@@ -18,7 +18,7 @@ from meshbus.messaging import (
     NotificationResult,
     Target,
 )
-from meshbus.messaging.notify import message_id
+from meshbus.messaging.notify import message_id, timestamp
 from tests.messaging.conftest import WAIT, Api, Inbox
 from tests.messaging.test_rpc import Money, MoneySerializer, RequestContext
 
@@ -406,3 +406,10 @@ def test_a_forked_child_makes_ids_of_its_own() -> None:
         os._exit(0)
     os.waitpid(child, 0)
     assert os.read(read, 64).decode() != message_id()
+
+
+@pytest.mark.parametrize("now", [1_700_000_000.0, 1_700_000_000.25, 1_700_000_001.000_042])
+def test_timestamps_are_written_as_oslo_writes_them(monkeypatch: pytest.MonkeyPatch, now: float) -> None:
+    monkeypatch.setattr(time, "time", lambda: now)
+    as_oslo = datetime.datetime.fromtimestamp(now, datetime.UTC).replace(tzinfo=None)
+    assert timestamp() == str(as_oslo)  # the fraction left out when it is zero, as str(datetime) does

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import datetime
 import functools
 import inspect
 import logging
 import random
 import re
+import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 from meshbus.amqp.client import IncomingMessage
 from meshbus.messaging import wire
@@ -53,6 +53,20 @@ class NotificationResult:
 # -- notifiers ----------------------------------------------------------------------------------------------
 
 _VARIANT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+_second: tuple[int, str] = (0, "")  # the last second timestamp() formatted, and its text
+
+
+def timestamp() -> str:
+    """Now in UTC as oslo's notifications carry it (str() of a naive datetime): the date and time formatted
+    once a second, the microseconds each time (a third of the cost of formatting a datetime)."""
+    global _second
+    second, micro = divmod(round(time.time() * 1_000_000), 1_000_000)
+    cached = _second
+    if cached[0] != second:
+        cached = _second = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{micro:06d}" if micro else cached[1]  # as str(datetime): no zero fraction
 
 
 def message_id() -> str:
@@ -117,6 +131,7 @@ class AsyncNotifier(_PriorityMethods[Coroutine[Any, Any, None]]):
         self.retry = retry
         self.timeout = timeout
         self.at_least_once = at_least_once
+        self._addresses: dict[str, list[str]] = {}  # by priority, one per target
 
     def prepare(self, publisher_id: str | None = None, retry: int | None = None) -> AsyncNotifier:
         prepared = AsyncNotifier.__new__(AsyncNotifier)
@@ -138,12 +153,15 @@ class AsyncNotifier(_PriorityMethods[Coroutine[Any, Any, None]]):
             "event_type": event_type,
             "priority": priority.upper(),
             "payload": self.serializer.serialize_entity(ctxt, payload),
-            "timestamp": str(datetime.datetime.now(datetime.UTC))[:-6],  # as oslo's: UTC, no offset
+            "timestamp": timestamp(),
         }
         context = self.serializer.serialize_context(ctxt)
+        addresses = self._addresses.get(priority)
+        if addresses is None:
+            addresses = [self.transport.notify_address(target, priority) for target in self.targets]
+            self._addresses[priority] = addresses
         sent = []
-        for target in self.targets:
-            address = self.transport.notify_address(target, priority)
+        for address in addresses:
             encoded = wire.encode_request(address, notification, context, envelope=True)
             sent.append(
                 self.transport.start_cast(
@@ -273,11 +291,19 @@ class AsyncNotificationListener(AsyncService):
         if not self.priorities:
             raise ValueError(f"no endpoint has a method for any priority ({', '.join(PRIORITIES)})")
         self._batches: dict[str, _Batch] = {}
-        # Per priority: whether some endpoint method for it is a coroutine function (then dispatch runs on
-        # the loop, else wholly in the executor).
-        self._coroutines = {
-            priority: any(inspect.iscoroutinefunction(getattr(e, priority, None)) for e in self.endpoints)
+        # Per priority, looked up once: the endpoints' methods, their filters, and whether each is a
+        # coroutine function. Dispatch runs on the loop if one is, else wholly in the executor.
+        self._methods = {
+            priority: [
+                _Method(method, getattr(endpoint, "filter_rule", None), inspect.iscoroutinefunction(method))
+                for endpoint in self.endpoints
+                if callable(method := getattr(endpoint, priority, None))
+            ]
             for priority in self.priorities
+        }
+        self._coroutines = {
+            priority: any(method.coroutine for method in methods)
+            for priority, methods in self._methods.items()
         }
 
     def subscriptions(self) -> list[Subscription]:
@@ -299,7 +325,7 @@ class AsyncNotificationListener(AsyncService):
             self._flush(priority)
 
     def _on_notification(self, priority: str, message: IncomingMessage) -> None:
-        incoming = take(message, "a notification")
+        incoming = take(message, "a notification", wire.decode_notification)
         if incoming is None:
             return
         body = incoming.body
@@ -346,9 +372,9 @@ class AsyncNotificationListener(AsyncService):
         try:
             for method, arguments in self._calls(priority, messages):
                 try:
-                    result = method(*arguments)
+                    result = method.call(*arguments)
                 except Exception:
-                    result = _failed(method)
+                    result = _failed(method.call)
                 requeue |= result == NotificationResult.REQUEUE and self.allow_requeue
         except Exception:
             _undispatchable(priority)
@@ -359,27 +385,24 @@ class AsyncNotificationListener(AsyncService):
         try:
             for method, arguments in self._calls(priority, messages):
                 try:
-                    if inspect.iscoroutinefunction(method):
-                        result = await method(*arguments)
+                    if method.coroutine:
+                        result = await method.call(*arguments)
                     else:
                         loop = asyncio.get_running_loop()
-                        call = functools.partial(method, *arguments)
+                        call = functools.partial(method.call, *arguments)
                         result = await loop.run_in_executor(self.executor, call)
                 except Exception:
-                    result = _failed(method)
+                    result = _failed(method.call)
                 requeue |= result == NotificationResult.REQUEUE and self.allow_requeue
         except Exception:
             _undispatchable(priority)
         self._settle(messages, requeue)
 
-    def _calls(self, priority: str, messages: Taken) -> Iterator[tuple[Callable[..., Any], tuple[Any, ...]]]:
+    def _calls(self, priority: str, messages: Taken) -> Iterator[tuple[_Method, tuple[Any, ...]]]:
         """Each endpoint method to call, with its arguments: one call per notification its filter lets
         through, or one per batch."""
-        for endpoint in self.endpoints:
-            method = getattr(endpoint, priority, None)
-            if not callable(method):
-                continue
-            rule = getattr(endpoint, "filter_rule", None)
+        for method in self._methods[priority]:
+            rule = method.rule
             chosen = [n for n, _ in messages if rule is None or rule.match(**_filter_fields(n))]
             if not chosen:
                 continue
@@ -399,6 +422,14 @@ class AsyncNotificationListener(AsyncService):
 
 
 Taken = list[tuple[dict[str, Any], IncomingMessage]]
+
+
+class _Method(NamedTuple):
+    """An endpoint's method for one priority."""
+
+    call: Callable[..., Any]
+    rule: NotificationFilter | None
+    coroutine: bool
 
 
 def _failed(method: Callable[..., Any]) -> str:

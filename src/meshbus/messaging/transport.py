@@ -600,10 +600,12 @@ class Transport:
         self.close()
 
 
-def take(message: IncomingMessage, what: str) -> wire.Incoming | None:
+def take(
+    message: IncomingMessage, what: str, decode: Callable[[bytes], wire.Incoming] = wire.decode_request
+) -> wire.Incoming | None:
     """A request or notification, decoded; a message that is not one is rejected, and None returned."""
     try:
-        return wire.decode_request(message.payload)
+        return decode(message.payload)
     except ValueError as error:
         log.warning("a message that is not %s was rejected: %s", what, error)
         message.reject("amqp:decode-error", f"not {what}: {error}")

@@ -147,17 +147,35 @@ def encode_request(
 
 
 def decode_request(payload: bytes) -> Incoming:
-    data = _CODEC.decode(payload)
-    message_id, reply_to = _CODEC.message_id(), _CODEC.reply_to()
-    if data is None:
-        raise ValueError("the message has no body")
-    request = data.get("request") or {}
-    if "oslo.message" in request:
-        request = _loads(request["oslo.message"])
+    """A request (call, cast) or a notification. Raises ValueError for what is neither."""
+    data = _decode_body(payload)
     monitor = data.get("call_monitor_timeout")
     if not isinstance(monitor, int | float) or isinstance(monitor, bool) or monitor <= 0:
         monitor = None
-    return Incoming(request, data.get("context") or {}, message_id, reply_to, monitor)
+    return Incoming(
+        _request(data), data.get("context") or {}, _CODEC.message_id(), _CODEC.reply_to(), monitor
+    )
+
+
+def decode_notification(payload: bytes) -> Incoming:
+    """`decode_request` without what only a request has (message id, reply-to, call monitoring), which
+    a listener does not read."""
+    data = _decode_body(payload)
+    return Incoming(_request(data), data.get("context") or {}, None, None)
+
+
+def _decode_body(payload: bytes) -> dict[str, Any]:
+    data = _CODEC.decode(payload)
+    if data is None:
+        raise ValueError("the message has no body")
+    return data
+
+
+def _request(data: dict[str, Any]) -> dict[str, Any]:
+    request: dict[str, Any] = data.get("request") or {}
+    if "oslo.message" in request:  # a notification's envelope
+        request = _loads(request["oslo.message"])
+    return request
 
 
 def encode_reply(to: str, correlation_id: str, *, result: Any = None, failure: str | None = None) -> bytes:

@@ -9,9 +9,8 @@ Rules of this module:
    records it in its next group commit). Nothing here waits for the journal. A message whose payload is in
    memory is handed out as soon as it is appended; one that is not (the cache was full) only once it is
    below the offset declared durable (`durable`), since it is read back from the file. A message finished
-   before its append was written is never written (the engine drops the pair): a consumer that keeps up
-   costs the disk nothing but the batch's commit. What is acknowledged waits for durability elsewhere: the
-   store accepts a producer's message only once its batch is written.
+   before its append was written is never written (the engine drops the pair). When a producer is
+   accepted (once the message is written, or finished by every group) is decided elsewhere (store.py).
 3. Groups (one per consumer pool): every group receives every message appended from its start; the
    consumers of one group share them (each message goes to one of them). The first group of a queue
    starts at the oldest retained message, so notifications sent before any listener existed reach the

@@ -6,13 +6,13 @@ Rules of this module:
    append or a settlement comes back from `completed` once the batch carrying it is written; an append's
    comes back from `finished_before_written` instead if every group finished the message before its batch
    was sealed (nothing is left to write, and its dead letter, if any, is durable first).
-4. When to seal (`commit_due`): at once, unless a consumer holds a message of the open batch. Then the
-   batch waits up to `commit_delay` from when it began, and what is accepted meanwhile is never written:
-   a consumer that keeps up costs the disk nothing, and its producers wait for it rather than the disk.
 2. It reads no clock and opens no socket; it does file I/O only through the engine, and only where the
    caller asks (`open`, `write`, `flush`, `close`, and payload reads in `deliveries` and for dead letters).
 3. Who drives it: one thread (the event loop) calls everything except `write`, which may run on a writer
    thread; `seal` -> `write` -> `completed` is one group commit, and commits run one at a time.
+4. When to seal (`commit_due`): at once, unless a consumer holds a message of the open batch. Then the
+   batch waits up to `commit_delay` from when it began, and what is accepted meanwhile is never written:
+   a consumer that keeps up costs the disk nothing, and its producers wait for it rather than the disk.
 """
 
 from __future__ import annotations

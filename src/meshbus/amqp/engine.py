@@ -195,6 +195,9 @@ class Engine:
         self._settle_later: list[tuple[ConsumerLink, CData]] = []
         self._flush_scheduled = False
         self._busy_poll = busy_poll  # seconds
+        # Work to finish before output is written, so that its own output leaves with the input's that
+        # caused it (the embedded store's pending turn: a stored message's delivery, a producer accepted).
+        self.before_flush: list[Callable[[], None]] = []
         self._polling_until = 0.0  # perf_counter() time; 0: not polling
         self._last_burst = 0.0  # perf_counter() time of the last burst of input
         self._mean_gap = 1.0  # seconds between bursts, a moving average
@@ -288,7 +291,9 @@ class Engine:
             self._polling_until = 0.0
 
     def flush_touched(self) -> None:
-        """Write the output of every connection marked since the last call."""
+        """Write the output of every connection marked since the last call (after `before_flush`)."""
+        for finish in self.before_flush:
+            finish()
         dirty, self._dirty = self._dirty, set()
         for conn in dirty:
             self.flush(conn)

@@ -63,6 +63,8 @@ async def serve(config: RouterConfig) -> int:
         )
         engine.mesh = MeshEdge(engine, config.router.id, config.mesh.protocol())
         store = StoreHost.open(config, engine.core) if config.store.enabled else None
+        if store is not None:
+            engine.before_flush.append(store.run_pending_turn)
         brokers = BrokerHost(engine, config)
         brokers.start()
         # The brokers serve the rules naming them; the store every other rule.

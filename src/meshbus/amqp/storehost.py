@@ -1,10 +1,11 @@
 """The router's embedded store on the event loop: opening it, group commits, the expiry timer, closing it.
 
 Rules of this module:
-1. It owns the store's asyncio side: a turn of the endpoint whenever it asks (`wake`), one group commit at
-   a time (sealed on the loop when the store says it is due, written on the writer thread, completion back
-   on the loop by one callback), a timer for a commit the store wants later, a timer at the store's next
-   message deadline. What the store and the endpoint decide lives in meshbus.store.
+1. It owns the store's asyncio side: a turn of the endpoint whenever it asks (`wake`; run before the router
+   next writes output, or at the end of the loop's turn), one group commit at a time (sealed on the loop
+   when the store says it is due, written on the writer thread, completion back on the loop by one
+   callback), a timer for a commit the store wants later, a timer at the store's next message deadline.
+   What the store and the endpoint decide lives in meshbus.store.
 2. It logs what an operator needs: the store opened (queues, messages recovered, time taken), a write
    that failed, the store closed with its counters.
 """
@@ -87,12 +88,21 @@ class StoreHost:
         return host
 
     def wake(self) -> None:
-        """The endpoint has work: a turn at the end of this turn of the event loop."""
+        """The endpoint has work: a turn before the router next writes output (`run_pending_turn`), or at
+        the latest at the end of this turn of the event loop."""
         if not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self._turn)
 
+    def run_pending_turn(self) -> None:
+        """The turn `wake` asked for, now: the router is about to write output (Engine.before_flush), and
+        what the turn sends (deliveries, producers accepted) leaves with the input that caused it instead of
+        a loop turn later."""
+        self._turn()
+
     def _turn(self) -> None:
+        if not self._scheduled:
+            return  # run already (run_pending_turn)
         self._scheduled = False
         try:
             self.endpoint.turn()

@@ -92,17 +92,14 @@ class StoreHost:
         the latest at the end of this turn of the event loop."""
         if not self._scheduled:
             self._scheduled = True
-            self.loop.call_soon(self._turn)
+            self.loop.call_soon(self.run_pending_turn)
 
     def run_pending_turn(self) -> None:
-        """The turn `wake` asked for, now: the router is about to write output (Engine.before_flush), and
-        what the turn sends (deliveries, producers accepted) leaves with the input that caused it instead of
-        a loop turn later."""
-        self._turn()
-
-    def _turn(self) -> None:
+        """The turn `wake` asked for, if it has not run yet: at the end of the loop's turn, or sooner when the
+        router is about to write output (Engine.before_flush), so that what the turn sends (deliveries,
+        producers accepted) leaves with the input that caused it."""
         if not self._scheduled:
-            return  # run already (run_pending_turn)
+            return
         self._scheduled = False
         try:
             self.endpoint.turn()
@@ -147,9 +144,9 @@ class StoreHost:
             done.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self._written, batch, done))
 
     def _written(self, batch: Batch, done: Future[None]) -> None:
-        """Back on the loop from the writer thread: the next batch goes to the disk before this one's
-        producers are accepted and what it made durable is delivered, so that the disk is not idle while the
-        loop works (with 16 producers waiting, that idle time made a commit's cycle twice its write)."""
+        """Back on the loop from the writer thread: the next batch, if due, goes to the disk before this
+        one's producers are accepted and what it made durable is delivered, so that the disk is not idle while
+        the loop works (with 16 producers waiting, that idle time made a commit's cycle twice its write)."""
         self._writing = None
         error = done.exception()
         if error is not None:

@@ -203,7 +203,9 @@ def test_a_call_cast_or_notification_nobody_serves_fails_at_once(api: Api, topic
         lambda: fanout.cast({}, "echo", value=1), wire.rpc_address(Target(topic=topic, fanout=True))
     )
     # A notification is stored for the listeners to come (notification addresses are queues, issue 6).
-    api.notifier(transport, "test", topics=[topic], timeout=30.0).info({}, "nobody.listens.yet", {})
+    notifier = api.notifier(transport, "test", topics=[topic], timeout=30.0)
+    notifier.info({}, "nobody.listens.yet", {})
+    notifier.flush()
 
 
 def test_a_call_fails_at_once_after_its_server_stopped(api: Api, topic: str) -> None:

@@ -16,6 +16,7 @@ import pytest
 from meshbus.messaging import (
     NotificationFilter,
     NotificationResult,
+    Serializer,
     Target,
 )
 from meshbus.messaging.notify import message_id, timestamp
@@ -362,24 +363,25 @@ def test_a_listener_stopped_mid_work_still_acknowledges_what_it_took(api: Api, t
     endpoint = HeldInfo()
     listener = api.listener(api.transport(), [Target(topic=topic)], [endpoint])
     notifier = api.notifier(api.transport(), "p", topics=[topic], timeout=30.0)
-    outcome: list[object] = []
-
-    def notify() -> None:
-        try:
-            notifier.info({}, "e", "in work")
-            outcome.append("taken")
-        except Exception as error:
-            outcome.append(error)
-
-    sent = threading.Thread(target=notify)
-    sent.start()
+    notifier.info({}, "e", "in work")
     assert endpoint.started.wait(WAIT)
     listener.stop()  # takes nothing more; the notification in work must still be acknowledged
     endpoint.go.set()
     listener.wait()
-    sent.join(WAIT)
-    assert outcome == ["taken"]  # the notifier got its acceptance: no resend, no MessageUndeliverable
-    assert endpoint.calls == 1
+    notifier.flush()  # it was taken: no MessageUndeliverable
+    assert endpoint.calls == 1  # and not resent
+
+
+class Unserializable(Serializer):
+    def serialize_entity(self, ctxt: Any, entity: Any) -> Any:
+        raise ValueError(f"cannot serialize {entity!r}")
+
+
+def test_what_the_serializer_raises_reaches_the_caller(api: Api, topic: str) -> None:
+    notifier = api.notifier(api.transport(), "p", topics=[topic], serializer=Unserializable())
+    with pytest.raises(ValueError, match="cannot serialize 'payload'"):
+        notifier.info({}, "e", "payload")
+    notifier.flush()  # nothing was sent
 
 
 def test_notifications_of_a_virtual_host_reach_its_listeners(api: Api, topic: str) -> None:

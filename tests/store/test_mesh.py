@@ -82,6 +82,7 @@ def stored_elsewhere(a: Router, b: Router, c: Router) -> None:
         while True:  # until A has learnt from the mesh that B stores notifications
             try:
                 notifier.info({}, "e", 0)
+                notifier.flush()
                 break
             except MessageUndeliverable:
                 if time.monotonic() > deadline:

@@ -83,7 +83,8 @@ def test_notifications_sent_before_any_listener_are_all_delivered_to_the_first(
     url = started.url
     notifier = Notifier(transports(url), "early", topics=["early"])
     for n in range(50):
-        notifier.info({}, "stored", n)  # returns once stored: nobody listens yet
+        notifier.info({}, "stored", n)
+    notifier.flush()  # all stored: nobody listens yet
     endpoint = Listening()
     listeners(transports(url), "early", endpoint)
     assert endpoint.inbox.wait_for(50) == list(range(50))
@@ -97,7 +98,8 @@ def test_notifications_a_listener_accepts_before_their_commit_are_never_written(
     listeners(transports(started.url), "quick", endpoint)
     notifier = Notifier(transports(started.url), "q", topics=["quick"])
     for n in range(50):
-        notifier.info({}, "e", n)  # returns once the listener has accepted it, long before any commit
+        notifier.info({}, "e", n)
+    notifier.flush()  # all accepted by the listener, long before any commit
     assert endpoint.inbox.wait_for(50) == list(range(50))
     started.stop()
     assert "stored=50 refused=0 failed=0 consumed_unwritten=50" in started.log()
@@ -174,13 +176,21 @@ SMALL_QUEUE: Config = {
 }
 
 
-def test_a_full_queue_refuses_with_an_error_the_notifier_raises(router: Start, transports: Any) -> None:
+def test_a_full_queue_refuses_with_an_error_the_notifier_logs_and_flush_raises(
+    router: Start, transports: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     started = router(SMALL_QUEUE)
     notifier = Notifier(transports(started.url), "p", topics=["small"])
     for n in range(3):
         notifier.info({}, "e", n)
+    notifier.flush()
+    notifier.info({}, "e", 3)  # on its way: the refusal comes later
     with pytest.raises(MessageDeliveryFailure) as refused:
-        notifier.info({}, "e", 3)
+        notifier.flush()
+    assert [r.getMessage() for r in caplog.records if r.name == "meshbus.messaging"] == [
+        f"a message sent in the background was not taken: {refused.value}"
+    ]
+    notifier.flush()  # raised once: the next flush has nothing new to report
     message = str(refused.value)
     assert "amqp:resource-limit-exceeded" in message
     assert "openstack/small.info' is full: it holds 3 messages" in message

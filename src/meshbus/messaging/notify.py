@@ -8,6 +8,7 @@ gets every notification (the router's consumer pools).
 Acknowledgement: a notification is accepted once its endpoints have returned; an endpoint returning
 `REQUEUE` (on a listener that allows requeue) releases it, so it is delivered again (by the store, or by
 the notifier's resend). An endpoint that raises is logged and counts as handled, as in oslo.messaging.
+A notifier does not wait for that: its transport sends in the background (see `AsyncNotifier`).
 """
 
 from __future__ import annotations
@@ -109,8 +110,14 @@ class _PriorityMethods(Generic[R]):
 
 class AsyncNotifier(_PriorityMethods[Coroutine[Any, Any, None]]):
     """Publishes notifications to each of `topics` (on the transport's default exchange unless
-    `exchange` is given). Each `info(...)`, `error(...)`... returns once a listener (or the store) has
-    taken the notification, and raises `MessageUndeliverable` at once if nobody would."""
+    `exchange` is given).
+
+    Each `info(...)`, `error(...)`... returns once the notification is on its way: the transport sends it in
+    the background until a listener (or the store) takes it, resending what is given back and what a
+    dropped connection left unacknowledged, for `timeout` seconds at most. A producer is not held up by its
+    consumers, and many notifications are in flight at once. One never taken is logged; `flush()` waits
+    until all are taken and raises the first that was not. Past the transport's `BACKLOG_LIMIT` not yet
+    taken, a notification waits for room. `at_least_once=False`: pre-settled, written once, never resent."""
 
     def __init__(
         self,
@@ -143,10 +150,19 @@ class AsyncNotifier(_PriorityMethods[Coroutine[Any, Any, None]]):
         return prepared
 
     async def notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> None:
-        await self._start_notify(ctxt, event_type, payload, priority)
+        for address, encoded in self._encode(ctxt, event_type, payload, priority):
+            await self.transport.post(
+                address, encoded, at_least_once=self.at_least_once, timeout=self.timeout, retry=self.retry
+            )
 
-    def _start_notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> asyncio.Future[Any]:
-        """On the loop: the notification sent to every topic at once; the future of all of them taken."""
+    async def flush(self) -> None:
+        """Wait until every notification sent on the transport so far has been taken or given up, and raise
+        the first given up since the last flush."""
+        await self.transport.flush()
+
+    def _encode(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> list[tuple[str, bytes]]:
+        """The notification for each topic: its address and its message. On the caller's thread, so that
+        what cannot be serialized raises there."""
         notification = {
             "message_id": message_id(),
             "publisher_id": self.publisher_id,
@@ -160,15 +176,10 @@ class AsyncNotifier(_PriorityMethods[Coroutine[Any, Any, None]]):
         if addresses is None:
             addresses = [self.transport.notify_address(target, priority) for target in self.targets]
             self._addresses[priority] = addresses
-        sent = []
-        for address in addresses:
-            encoded = wire.encode_request(address, notification, context, envelope=True)
-            sent.append(
-                self.transport.start_cast(
-                    address, encoded, at_least_once=self.at_least_once, timeout=self.timeout, retry=self.retry
-                )
-            )
-        return sent[0] if len(sent) == 1 else asyncio.gather(*sent)
+        return [
+            (address, wire.encode_request(address, notification, context, envelope=True))
+            for address in addresses
+        ]
 
 
 class Notifier(_PriorityMethods[None]):
@@ -185,7 +196,15 @@ class Notifier(_PriorityMethods[None]):
         return prepared
 
     def notify(self, ctxt: Any, event_type: str, payload: Any, priority: str) -> None:
-        self.transport.wait_for(self.aio._start_notify, ctxt, event_type, payload, priority)
+        aio = self.aio
+        for address, encoded in aio._encode(ctxt, event_type, payload, priority):
+            self.transport.post(
+                address, encoded, at_least_once=aio.at_least_once, timeout=aio.timeout, retry=aio.retry
+            )
+
+    def flush(self) -> None:
+        """`AsyncNotifier.flush`, blocking."""
+        self.transport.flush()
 
 
 # -- listeners ----------------------------------------------------------------------------------------------

@@ -73,6 +73,11 @@ MAX_RESEND_DELAY: Final = 1.0
 REPLY_RESENDS: Final = 6
 # Threads of an asyncio server's pool for its endpoints' plain methods, unless it is given an executor.
 DEFAULT_WORKERS: Final = 16
+# Casts sent in the background (notifications) and not yet taken: past this many on a transport, a poster
+# waits until half are. It bounds the memory they hold and how far producers run ahead of consumers.
+BACKLOG_LIMIT: Final = 1000
+# Seconds close() gives the backlog to be taken before it drops the rest, and says so.
+CLOSE_LINGER: Final = 5.0
 
 
 @dataclass(slots=True)
@@ -289,6 +294,77 @@ def _cast_expired(taken: asyncio.Future[None], address: str, timeout: float) -> 
         taken.set_exception(MessagingTimeout(f"{address}: not taken within {timeout} s"))
 
 
+class _Backlog:
+    """The casts a transport sends in the background: posted at once, taken (or given up) later. Each one
+    given up is logged; the first since the last `take_failure()` is kept for it."""
+
+    __slots__ = ("_empty", "_room", "count", "dropped", "failed", "first_failure", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.count = 0
+        self.failed = 0
+        self.first_failure: BaseException | None = None
+        self.dropped = False  # closed with some left: their failures were counted once, in a summary
+        self._room: asyncio.Future[None] | None = None
+        self._empty: asyncio.Future[None] | None = None
+
+    def add(self, taken: asyncio.Future[Any]) -> None:
+        self.count += 1
+        taken.add_done_callback(self._ended)
+
+    def _ended(self, taken: asyncio.Future[Any]) -> None:
+        self.count -= 1
+        error = taken.exception()
+        if error is not None:
+            self.failed += 1
+            if self.first_failure is None:
+                self.first_failure = error
+            if not self.dropped:
+                log.warning("a message sent in the background was not taken: %s", error)
+        # Posters wake once half the backlog is taken, not at each message: one wake for many.
+        if self._room is not None and self.count <= BACKLOG_LIMIT // 2:
+            _wake(self._room)
+            self._room = None
+        if self._empty is not None and not self.count:
+            _wake(self._empty)
+            self._empty = None
+
+    def room(self) -> asyncio.Future[None]:
+        """Done once the backlog has room for more (at once if it has)."""
+        if self.count < BACKLOG_LIMIT:
+            return self._done()
+        if self._room is None or self._room.done():  # done: cancelled, by a poster that gave up
+            self._room = self.loop.create_future()
+        return self._room
+
+    def empty(self) -> asyncio.Future[None]:
+        """Done once every message posted so far has been taken or given up."""
+        if not self.count:
+            return self._done()
+        if self._empty is None or self._empty.done():
+            self._empty = self.loop.create_future()
+        return self._empty
+
+    def take_failure(self) -> BaseException | None:
+        """The first message given up since the last call (with how many others were, in a note)."""
+        failure, failed = self.first_failure, self.failed
+        self.first_failure, self.failed = None, 0
+        if failure is not None and failed > 1:
+            failure.add_note(f"({failed - 1} more sent in the background were not taken either)")
+        return failure
+
+    def _done(self) -> asyncio.Future[None]:
+        done = self.loop.create_future()
+        done.set_result(None)
+        return done
+
+
+def _wake(waiters: asyncio.Future[None]) -> None:
+    if not waiters.done():
+        waiters.set_result(None)
+
+
 class AsyncTransport:
     """A connection to the routers at `url`, on the running asyncio loop (see the module docstring)."""
 
@@ -307,6 +383,7 @@ class AsyncTransport:
         self._id_prefix = f"{uuid.uuid4().hex[:16]}-"
         self._ids = itertools.count()
         self._replies: Receiver | None = None
+        self._backlog = _Backlog(self.loop)
         self._closed = False
 
     # -- addresses: of this transport's default exchange and virtual host ----------------------------------
@@ -321,6 +398,19 @@ class AsyncTransport:
         return wire.notify_address(target, priority, self.default_exchange, self.virtual_host)
 
     async def close(self) -> None:
+        """Close the connection, once what was sent in the background has been taken (`CLOSE_LINGER`
+        seconds at most: the rest is dropped, with a warning)."""
+        backlog = self._backlog
+        if backlog.count and not self._closed:
+            try:
+                async with asyncio.timeout(CLOSE_LINGER):
+                    await backlog.empty()
+            except TimeoutError:
+                log.warning(
+                    "closing with %d messages sent in the background not yet taken: they are dropped",
+                    backlog.count,
+                )
+                backlog.dropped = True
         self._closed = True
         if self._replies is not None:
             self._replies.close()
@@ -388,6 +478,31 @@ class AsyncTransport:
             functools.partial(taken.set_result, None),
         ).send()
         return taken
+
+    async def post(
+        self, address: str, payload: bytes, *, at_least_once: bool, timeout: float, retry: int | None
+    ) -> None:
+        """Send a cast in the background: as `start_cast`, but nobody waits for it to be taken. One given up
+        is logged, and raised by the next `flush()`. Returns at once, unless `BACKLOG_LIMIT` sent this way
+        are not yet taken: then once half of them are."""
+        if self._backlog.count >= BACKLOG_LIMIT:
+            await self._backlog.room()
+        self._post_now(address, payload, at_least_once, timeout, retry)
+
+    def _post_now(
+        self, address: str, payload: bytes, at_least_once: bool, timeout: float, retry: int | None
+    ) -> None:
+        self._backlog.add(
+            self.start_cast(address, payload, at_least_once=at_least_once, timeout=timeout, retry=retry)
+        )
+
+    async def flush(self) -> None:
+        """Wait until every cast sent in the background so far has been taken or given up, and raise the
+        first given up since the last flush (a note says how many others were)."""
+        await self._backlog.empty()
+        failure = self._backlog.take_failure()
+        if failure is not None:
+            raise failure
 
     def reply(self, payload: bytes, *, at_least_once: bool = True) -> None:
         """Send a reply by its `to`, in the background: until its caller has it, resent with back-off while it
@@ -549,6 +664,19 @@ class Transport:
         if not self._inbox_woken:
             self._inbox_woken = True
             self._inbox_wakeup.wake()
+
+    def post(
+        self, address: str, payload: bytes, *, at_least_once: bool, timeout: float, retry: int | None
+    ) -> None:
+        """`AsyncTransport.post` from any thread: returns once the cast is queued for the I/O thread."""
+        # What the inbox holds counts too: the I/O thread may not have run it yet.
+        if self.aio._backlog.count + len(self._inbox) >= BACKLOG_LIMIT:
+            self.wait_for(self.aio._backlog.room)
+        self.call_soon_threadsafe(self.aio._post_now, address, payload, at_least_once, timeout, retry)
+
+    def flush(self) -> None:
+        """`AsyncTransport.flush`, blocking."""
+        self.run(self.aio.flush())
 
     def _take_inbox(self) -> None:
         self._inbox_wakeup.clear()

@@ -137,12 +137,20 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
     def send_notification(
         self, target: Any, ctxt: dict[str, Any], message: dict[str, Any], version: float, retry: int | None
     ) -> None:
-        """Returns once a listener took the notification (oslo's notifier logs the errors it raises)."""
+        """Returns once the notification is on its way: the transport sends it in the background until a
+        listener (or the store) takes it, and logs it if it never is (as oslo's notifier logs what drivers
+        raise). It waits only while the transport's backlog is full."""
         topic, _, priority = (target.topic or "").rpartition(".")  # oslo sends to "<topic>.<priority>"
         with _OsloErrors(target):
             topic_target = Target(exchange=target.exchange, topic=topic)
             address = self.transport.aio.notify_address(topic_target, priority)
-            self._cast(address, wire.encode_request(address, message, ctxt, envelope=version >= 2.0), retry)
+            self.transport.post(
+                address,
+                wire.encode_request(address, message, ctxt, envelope=version >= 2.0),
+                at_least_once=True,
+                timeout=self.options.send_timeout,
+                retry=_retries(retry),
+            )
 
     def _cast(self, address: str, payload: bytes, retry: int | None) -> None:
         """Send until a consumer takes it (resent if given back), for `send_timeout` at most."""

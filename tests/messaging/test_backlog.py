@@ -1,0 +1,218 @@
+"""Casts sent in the background (what notifiers send): the transport's backlog on its own, driven by futures
+on a loop; then through a real router, held by a plain AMQP receiver that settles only when told to."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from proton.utils import BlockingConnection
+
+import meshbus.messaging.transport as transport_module
+from meshbus.messaging import MessageDeliveryFailure, Transport, wire
+from meshbus.messaging.transport import _Backlog
+from tests.conftest import Router
+from tests.messaging.conftest import WAIT, url_of
+
+LIMIT = 4
+
+
+@pytest.fixture
+def limit(monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(transport_module, "BACKLOG_LIMIT", LIMIT)
+    return LIMIT
+
+
+# -- the backlog's bookkeeping, no I/O ------------------------------------------------------------------
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def posted(backlog: _Backlog, count: int) -> list[asyncio.Future[None]]:
+    sent = [backlog.loop.create_future() for _ in range(count)]
+    for future in sent:
+        backlog.add(future)
+    return sent
+
+
+def settle(loop: asyncio.AbstractEventLoop) -> None:
+    """Run the done callbacks the loop has scheduled."""
+    loop.run_until_complete(asyncio.sleep(0))
+
+
+def test_posters_wait_at_the_limit_until_half_is_taken(loop: asyncio.AbstractEventLoop, limit: int) -> None:
+    backlog = _Backlog(loop)
+    sent = posted(backlog, limit - 1)
+    assert backlog.room().done()
+    sent += posted(backlog, 1)
+    room = backlog.room()
+    assert not room.done()
+    sent.pop().set_result(None)
+    settle(loop)
+    assert not room.done(), "woken before half was taken"
+    sent.pop().set_result(None)
+    settle(loop)
+    assert room.done()
+
+
+def test_empty_once_every_message_is_taken_or_given_up(loop: asyncio.AbstractEventLoop) -> None:
+    backlog = _Backlog(loop)
+    assert backlog.empty().done()
+    first, second = posted(backlog, 2)
+    empty = backlog.empty()
+    first.set_result(None)
+    settle(loop)
+    assert not empty.done()
+    second.set_exception(MessageDeliveryFailure("refused"))
+    settle(loop)
+    assert empty.done()
+
+
+def test_the_first_failure_is_kept_with_a_count_of_the_others(loop: asyncio.AbstractEventLoop) -> None:
+    backlog = _Backlog(loop)
+    sent = posted(backlog, 3)
+    for n, future in enumerate(sent):
+        future.set_exception(MessageDeliveryFailure(f"refused {n}"))
+    settle(loop)
+    failure = backlog.take_failure()
+    assert str(failure) == "refused 0"
+    assert failure is not None and failure.__notes__ == [
+        "(2 more sent in the background were not taken either)"
+    ]
+    assert backlog.take_failure() is None
+
+
+def test_a_waiter_that_gave_up_does_not_stop_the_next(loop: asyncio.AbstractEventLoop, limit: int) -> None:
+    backlog = _Backlog(loop)
+    sent = posted(backlog, limit)
+    backlog.room().cancel()  # a task waiting for room was cancelled
+    backlog.empty().cancel()
+    room, empty = backlog.room(), backlog.empty()
+    for future in sent:
+        future.set_result(None)
+    settle(loop)
+    assert room.done() and empty.done()
+
+
+# -- through a router ---------------------------------------------------------------------------------
+
+
+class Held:
+    """A plain AMQP receiver on an address of its own, which settles only when told to."""
+
+    def __init__(self, router: Router) -> None:
+        self.address = f"held/{uuid.uuid4().hex}"
+        self.connection = BlockingConnection(f"{router.host}:{router.port}", timeout=WAIT)
+        self.receiver = self.connection.create_receiver(self.address, credit=100)
+
+    def receive(self, count: int = 1) -> None:
+        for _ in range(count):
+            self.receiver.receive(WAIT)
+
+    def settle(self, outcome: str, count: int = 1) -> None:
+        """`accept` or `reject` the oldest `count` received, and write it."""
+        for _ in range(count):
+            getattr(self.receiver, outcome)()
+        # A blocking connection writes only while it waits; asking for its pending output makes the frames.
+        connection = self.connection.conn
+        assert connection is not None and connection.transport is not None
+        transport = connection.transport
+        self.connection.wait(lambda: transport.pending() == 0)
+
+
+@pytest.fixture
+def held(default_router: Router) -> Iterator[Held]:
+    receiver = Held(default_router)
+    yield receiver
+    receiver.connection.close()
+
+
+@pytest.fixture
+def sending(default_router: Router) -> Iterator[Transport]:
+    opened = Transport(url_of(default_router))
+    yield opened
+    opened.close()
+
+
+def post(sending: Transport, address: str) -> None:
+    message = wire.encode_request(address, {"method": "note"}, {})
+    sending.post(address, message, at_least_once=True, timeout=WAIT, retry=None)
+
+
+def test_a_post_returns_before_it_is_taken_and_flush_waits_for_it(sending: Transport, held: Held) -> None:
+    address = held.address
+    post(sending, address)
+    held.receive()  # delivered, not yet settled
+    flushed = threading.Thread(target=sending.flush)
+    flushed.start()
+    flushed.join(0.2)
+    assert flushed.is_alive(), "flush returned before the message was taken"
+    held.settle("accept")
+    flushed.join(WAIT)
+    assert not flushed.is_alive()
+
+
+def test_a_post_waits_while_the_backlog_is_full(sending: Transport, held: Held, limit: int) -> None:
+    address = held.address
+    for _ in range(limit):
+        post(sending, address)
+    held.receive(limit)
+    waiting = threading.Thread(target=post, args=(sending, address))
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive(), "a post went past a full backlog"
+    held.settle("accept", limit // 2)
+    waiting.join(WAIT)
+    assert not waiting.is_alive()
+
+
+def test_a_refused_post_is_logged_and_raised_by_the_next_flush(
+    sending: Transport, held: Held, caplog: pytest.LogCaptureFixture
+) -> None:
+    address = held.address
+    post(sending, address)
+    held.receive()
+    held.settle("reject")
+    with pytest.raises(MessageDeliveryFailure, match="rejected"):
+        sending.flush()
+    assert [r.levelno for r in caplog.records if r.name == "meshbus.messaging"] == [logging.WARNING]
+    sending.flush()
+
+
+def test_close_waits_for_the_backlog_to_be_taken(default_router: Router, held: Held) -> None:
+    address = held.address
+    closing = Transport(url_of(default_router))
+    post(closing, address)
+    held.receive()
+    closed = threading.Thread(target=closing.close)
+    closed.start()
+    closed.join(0.2)
+    assert closed.is_alive(), "closed with a message not yet taken"
+    held.settle("accept")
+    closed.join(WAIT)
+    assert not closed.is_alive()
+
+
+def test_close_drops_what_is_not_taken_in_time_and_says_so(
+    default_router: Router,
+    held: Held,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(transport_module, "CLOSE_LINGER", 0.1)
+    address = held.address
+    closing = Transport(url_of(default_router))
+    post(closing, address)
+    held.receive()
+    closing.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "meshbus.messaging"]
+    assert warnings == ["closing with 1 messages sent in the background not yet taken: they are dropped"]

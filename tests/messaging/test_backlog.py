@@ -13,8 +13,8 @@ import pytest
 from proton.utils import BlockingConnection
 
 import meshbus.messaging.transport as transport_module
-from meshbus.messaging import MessageDeliveryFailure, Transport, wire
-from meshbus.messaging.transport import _Backlog
+from meshbus.messaging import MessageDeliveryFailure, MessagingTimeout, Transport, wire
+from meshbus.messaging.transport import _Backlog, _Posted
 from tests.conftest import Router
 from tests.messaging.conftest import WAIT, url_of
 
@@ -37,16 +37,8 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def posted(backlog: _Backlog, count: int) -> list[asyncio.Future[None]]:
-    sent = [backlog.loop.create_future() for _ in range(count)]
-    for future in sent:
-        backlog.add(future)
-    return sent
-
-
-def settle(loop: asyncio.AbstractEventLoop) -> None:
-    """Run the done callbacks the loop has scheduled."""
-    loop.run_until_complete(asyncio.sleep(0))
+def posted(backlog: _Backlog, count: int, timeout: float = WAIT) -> list[_Posted]:
+    return [backlog.post("there", timeout) for _ in range(count)]
 
 
 def test_posters_wait_at_the_limit_until_half_is_taken(loop: asyncio.AbstractEventLoop, limit: int) -> None:
@@ -56,11 +48,9 @@ def test_posters_wait_at_the_limit_until_half_is_taken(loop: asyncio.AbstractEve
     sent += posted(backlog, 1)
     room = backlog.room()
     assert not room.done()
-    sent.pop().set_result(None)
-    settle(loop)
+    sent.pop().taken()
     assert not room.done(), "woken before half was taken"
-    sent.pop().set_result(None)
-    settle(loop)
+    sent.pop().taken()
     assert room.done()
 
 
@@ -69,26 +59,34 @@ def test_empty_once_every_message_is_taken_or_given_up(loop: asyncio.AbstractEve
     assert backlog.empty().done()
     first, second = posted(backlog, 2)
     empty = backlog.empty()
-    first.set_result(None)
-    settle(loop)
+    first.taken()
     assert not empty.done()
     second.set_exception(MessageDeliveryFailure("refused"))
-    settle(loop)
     assert empty.done()
 
 
 def test_the_first_failure_is_kept_with_a_count_of_the_others(loop: asyncio.AbstractEventLoop) -> None:
     backlog = _Backlog(loop)
-    sent = posted(backlog, 3)
-    for n, future in enumerate(sent):
-        future.set_exception(MessageDeliveryFailure(f"refused {n}"))
-    settle(loop)
+    for n, sent in enumerate(posted(backlog, 3)):
+        sent.set_exception(MessageDeliveryFailure(f"refused {n}"))
+        sent.taken()  # an outcome after the end changes nothing
     failure = backlog.take_failure()
     assert str(failure) == "refused 0"
     assert failure is not None and failure.__notes__ == [
         "(2 more sent in the background were not taken either)"
     ]
     assert backlog.take_failure() is None
+    assert backlog.count == 0
+
+
+def test_what_is_not_taken_by_its_deadline_is_given_up(loop: asyncio.AbstractEventLoop) -> None:
+    backlog = _Backlog(loop)
+    (soon,), (later,) = posted(backlog, 1, timeout=10.0), posted(backlog, 1, timeout=20.0)
+    backlog.sweep(loop.time() + 15.0)
+    assert (soon.done(), later.done()) == (True, False)
+    failure = backlog.take_failure()
+    assert isinstance(failure, MessagingTimeout)
+    assert str(failure) == "there: not taken within 10.0 s"
 
 
 def test_a_waiter_that_gave_up_does_not_stop_the_next(loop: asyncio.AbstractEventLoop, limit: int) -> None:
@@ -97,9 +95,8 @@ def test_a_waiter_that_gave_up_does_not_stop_the_next(loop: asyncio.AbstractEven
     backlog.room().cancel()  # a task waiting for room was cancelled
     backlog.empty().cancel()
     room, empty = backlog.room(), backlog.empty()
-    for future in sent:
-        future.set_result(None)
-    settle(loop)
+    for each in sent:
+        each.taken()
     assert room.done() and empty.done()
 
 

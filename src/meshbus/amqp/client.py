@@ -27,7 +27,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol, TypeVar, overload
 
 from cproton_ffi import ffi, lib
 
@@ -261,12 +261,26 @@ class Receiver:
             self._owed = 0
 
 
+class OutcomeSink(Protocol):
+    """Where a send's outcome goes: an asyncio future, or an object of the caller's that takes it at once,
+    in the turn the disposition arrives (a future hands it on only in a later turn, for a loop handle)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, outcome: Outcome, /) -> None: ...
+
+    def set_exception(self, error: BaseException, /) -> None: ...
+
+
+S = TypeVar("S", bound=OutcomeSink)
+
+
 @dataclass(slots=True)
 class _Send:
     address: str | None
     payload: bytes
     settled: bool
-    future: asyncio.Future[Outcome]
+    sink: OutcomeSink
 
 
 @dataclass(slots=True)
@@ -325,16 +339,38 @@ class ClientConnection:
     def connected(self) -> bool:
         return self._opened.is_set()
 
-    def send(self, address: str | None, payload: bytes, *, settled: bool = False) -> asyncio.Future[Outcome]:
-        """Send an encoded message to `address` (None: by its `to`, on the anonymous-relay link)."""
-        future: asyncio.Future[Outcome] = self._loop.create_future()
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop it runs on."""
+        return self._loop
+
+    @overload
+    def send(
+        self, address: str | None, payload: bytes, *, settled: bool = False
+    ) -> asyncio.Future[Outcome]: ...
+
+    @overload
+    def send(self, address: str | None, payload: bytes, *, settled: bool = False, outcome: S) -> S: ...
+
+    def send(
+        self,
+        address: str | None,
+        payload: bytes,
+        *,
+        settled: bool = False,
+        outcome: OutcomeSink | None = None,
+    ) -> OutcomeSink:
+        """Send an encoded message to `address` (None: by its `to`, on the anonymous-relay link). Its outcome
+        goes to `outcome`, which is returned; without one, to a new future. (A sink whose `done()` turns
+        true before the message is written gave it up: it is never written.)"""
+        sink: OutcomeSink = self._loop.create_future() if outcome is None else outcome
         if self._closing:
-            future.set_exception(ClientError("the connection is closed"))
-            return future
-        item = _Send(address, payload, settled, future)
+            sink.set_exception(ClientError("the connection is closed"))
+            return sink
+        item = _Send(address, payload, settled, sink)
         if self._queue or not self._write(item):
             self._queue.append(item)
-        return future
+        return sink
 
     def receive(
         self, address: str | None, handler: Handler, *, credit: int = 200, pool: str | None = None
@@ -364,8 +400,8 @@ class ClientConnection:
         error = ClientError("the connection was closed before this message was sent")
         while self._queue:
             item = self._queue.popleft()
-            if not item.future.done():
-                item.future.set_exception(error)
+            if not item.sink.done():
+                item.sink.set_exception(error)
 
     # -- connecting -------------------------------------------------------------------------------
 
@@ -441,8 +477,8 @@ class ClientConnection:
         in_flight, self._in_flight = self._in_flight, {}
         unknown = OutcomeUnknown(f"the connection dropped ({reason}) before the message's outcome came back")
         for item in in_flight.values():
-            if not item.future.done():
-                item.future.set_exception(unknown)
+            if not item.sink.done():
+                item.sink.set_exception(unknown)
         self._senders.clear()
         self._links.clear()
         for receiver in self._receivers:
@@ -622,8 +658,8 @@ class ClientConnection:
         for delivery, item in list(self._in_flight.items()):
             if lib.pn_delivery_link(delivery) == link:
                 del self._in_flight[delivery]
-                if not item.future.done():
-                    item.future.set_exception(
+                if not item.sink.done():
+                    item.sink.set_exception(
                         OutcomeUnknown(f"the link to {item.address} closed: {_describe(error)}")
                     )
         lib.pn_link_free(link)
@@ -635,8 +671,8 @@ class ClientConnection:
                 return
             item = self._in_flight.pop(delivery, None)
             lib.pn_delivery_settle(delivery)
-            if item is not None and not item.future.done():
-                item.future.set_result(_read_outcome(delivery))
+            if item is not None and not item.sink.done():
+                item.sink.set_result(_read_outcome(delivery))
             return
         if lib.pn_delivery_partial(delivery) or not lib.pn_delivery_readable(delivery):
             return
@@ -718,7 +754,7 @@ class ClientConnection:
         lib.pn_link_advance(link)
         if item.settled:
             lib.pn_delivery_settle(delivery)
-            item.future.set_result(SETTLED_OUTCOME)
+            item.sink.set_result(SETTLED_OUTCOME)
         else:
             self._in_flight[delivery] = item
         # Proton frames a transfer only when asked for output, and only while the link still has credit. The
@@ -734,7 +770,7 @@ class ClientConnection:
         queue = self._queue
         while queue:
             # A send whose caller gave up (time-out, cancel) is never written.
-            if queue[0].future.done() or self._write(queue[0]):
+            if queue[0].sink.done() or self._write(queue[0]):
                 queue.popleft()
             else:
                 return

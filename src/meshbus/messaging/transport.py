@@ -25,7 +25,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 from meshbus.amqp.client import (
@@ -78,6 +78,8 @@ DEFAULT_WORKERS: Final = 16
 BACKLOG_LIMIT: Final = 1000
 # Seconds close() gives the backlog to be taken before it drops the rest, and says so.
 CLOSE_LINGER: Final = 5.0
+# Seconds between checks of the backlog's time-outs: a message is given up at most this late.
+SWEEP_INTERVAL: Final = 1.0
 
 
 @dataclass(slots=True)
@@ -147,22 +149,30 @@ def _split_host(address: str, url: str) -> tuple[str, int]:
     return host or "127.0.0.1", number
 
 
+class _Caller(Protocol):
+    """Who waits for a `_Delivery`: the caller's future, or a `_Posted`."""
+
+    def done(self) -> bool: ...
+
+    def set_exception(self, error: BaseException, /) -> None: ...
+
+
 class _Delivery:
-    """A request on its way, sent until it is taken, by callbacks on each attempt's outcome: a task per
-    request cost a blocking client more than encoding it.
+    """A request on its way, sent until it is taken. It is the connection's outcome sink for each attempt
+    (see client.OutcomeSink): an outcome is acted on in the turn it arrives, with no future or task between.
 
     RELEASED: resent RELEASED_RESENDS times at most, after RELEASED_DELAY, doubling. MODIFIED (a consumer had
     it and failed) or an unknown outcome (the connection dropped): resent, `retry` times at most (None: until
     the caller's time-out), after a back-off that doubles from RESEND_DELAY. REJECTED: never resent. Outcomes
-    end `future` (the caller's): with an error, or, once taken, by `on_taken()`; a caller who gave up
-    (time-out, cancel) has ended it already, and nothing more is sent."""
+    end `caller`: with an error, or, once taken, by `on_taken()`; a caller who gave up (time-out, cancel)
+    has ended it already, and nothing more is sent."""
 
     __slots__ = (
         "address",
+        "caller",
         "connection",
         "encode",
         "failed",
-        "future",
         "loop",
         "on_taken",
         "released",
@@ -175,49 +185,52 @@ class _Delivery:
         address: str,
         encode: Callable[[Callable[[], None]], bytes | None],
         retry: int | None,
-        future: asyncio.Future[Any],
+        caller: _Caller,
         on_taken: Callable[[], None],
     ) -> None:
-        self.loop = future.get_loop()
+        self.loop = connection.loop
         self.connection = connection
         self.address = address
         # The bytes of each attempt (a call's reply address changes with a reconnect). None: not yet; it calls
         # its argument when it can give them.
         self.encode = encode
         self.retry = retry
-        self.future = future
+        self.caller = caller
         self.on_taken = on_taken
         self.released = self.failed = 0
 
     def send(self) -> None:
-        if self.future.done():
+        if self.caller.done():
             return
         try:
             payload = self.encode(self.send)
         except Exception as error:
-            self.future.set_exception(error)
+            self.caller.set_exception(error)
             return
         if payload is not None:
-            self.connection.send(self.address, payload).add_done_callback(self._outcome)
+            self.connection.send(self.address, payload, outcome=self)
 
-    def _outcome(self, sent: asyncio.Future[Outcome]) -> None:
-        future = self.future
-        if future.done():
+    def done(self) -> bool:
+        return self.caller.done()
+
+    def set_exception(self, error: BaseException) -> None:
+        if self.caller.done():
             return
-        error = sent.exception()
-        if error is not None:
-            if isinstance(error, OutcomeUnknown):
-                gave_up = MessagingError(f"{self.address}: {error}; gave up after {self.retry} resends")
-                gave_up.__cause__ = error
-                self._failed(gave_up)
-            else:
-                future.set_exception(error)  # the connection is closed
+        if isinstance(error, OutcomeUnknown):
+            gave_up = MessagingError(f"{self.address}: {error}; gave up after {self.retry} resends")
+            gave_up.__cause__ = error
+            self._failed(gave_up)
+        else:
+            self.caller.set_exception(error)  # the connection is closed
+
+    def set_result(self, outcome: Outcome) -> None:
+        caller = self.caller
+        if caller.done():
             return
-        outcome = sent.result()
         if outcome.state == ACCEPTED:
             self.on_taken()
         elif outcome.state == REJECTED:
-            future.set_exception(
+            caller.set_exception(
                 MessageDeliveryFailure(f"{self.address}: the message was {describe_outcome(outcome)}")
             )
         elif outcome.state == MODIFIED and not outcome.undeliverable_here:
@@ -229,14 +242,14 @@ class _Delivery:
         else:
             self.released += 1
             if self.released > RELEASED_RESENDS:
-                future.set_exception(MessageUndeliverable(self.address, _detail(outcome)))
+                caller.set_exception(MessageUndeliverable(self.address, _detail(outcome)))
             else:
                 self.loop.call_later(RELEASED_DELAY * 2 ** (self.released - 1), self.send)
 
     def _failed(self, giving_up: Exception) -> None:
         self.failed += 1
         if self.retry is not None and self.failed > self.retry:
-            self.future.set_exception(giving_up)
+            self.caller.set_exception(giving_up)
             return
         delay = min(RESEND_DELAY * 2 ** (self.failed - 1), MAX_RESEND_DELAY)
         self.loop.call_later(delay, self.send)
@@ -294,39 +307,87 @@ def _cast_expired(taken: asyncio.Future[None], address: str, timeout: float) -> 
         taken.set_exception(MessagingTimeout(f"{address}: not taken within {timeout} s"))
 
 
-class _Backlog:
-    """The casts a transport sends in the background: posted at once, taken (or given up) later. Each one
-    given up is logged; the first since the last `take_failure()` is kept for it."""
+class _Posted:
+    """A cast sent in the background, from its post until it is taken or given up: the caller its
+    `_Delivery` reports to (and a pre-settled one's outcome sink)."""
 
-    __slots__ = ("_empty", "_room", "count", "dropped", "failed", "first_failure", "loop")
+    __slots__ = ("address", "backlog", "deadline", "ended", "timeout")
+
+    def __init__(self, backlog: _Backlog, address: str, timeout: float) -> None:
+        self.backlog = backlog
+        self.address = address
+        self.timeout = timeout
+        self.deadline = backlog.loop.time() + timeout
+        self.ended = False
+
+    def done(self) -> bool:
+        return self.ended
+
+    def taken(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.backlog._ended(self, None)
+
+    def set_result(self, outcome: Outcome) -> None:  # pre-settled: written, and so taken as far as we know
+        self.taken()
+
+    def set_exception(self, error: BaseException) -> None:
+        if not self.ended:
+            self.ended = True
+            self.backlog._ended(self, error)
+
+
+class _Backlog:
+    """The casts a transport sends in the background: posted at once, taken (or given up) later. Their
+    time-outs are checked by one sweep a second, not a timer each. Each one given up is logged; the first
+    since the last `take_failure()` is kept for it."""
+
+    __slots__ = ("_empty", "_posted", "_room", "_sweep", "dropped", "failed", "first_failure", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.count = 0
+        self._posted: dict[_Posted, None] = {}  # in the order posted
         self.failed = 0
         self.first_failure: BaseException | None = None
         self.dropped = False  # closed with some left: their failures were counted once, in a summary
         self._room: asyncio.Future[None] | None = None
         self._empty: asyncio.Future[None] | None = None
+        self._sweep: asyncio.TimerHandle | None = None
 
-    def add(self, taken: asyncio.Future[Any]) -> None:
-        self.count += 1
-        taken.add_done_callback(self._ended)
+    @property
+    def count(self) -> int:
+        return len(self._posted)
 
-    def _ended(self, taken: asyncio.Future[Any]) -> None:
-        self.count -= 1
-        error = taken.exception()
+    def post(self, address: str, timeout: float) -> _Posted:
+        posted = _Posted(self, address, timeout)
+        self._posted[posted] = None
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(SWEEP_INTERVAL, self._swept)
+        return posted
+
+    def sweep(self, now: float) -> None:
+        """Give up what is still not taken at its deadline."""
+        for posted in [posted for posted in self._posted if posted.deadline <= now]:
+            posted.set_exception(MessagingTimeout(f"{posted.address}: not taken within {posted.timeout} s"))
+
+    def _swept(self) -> None:
+        self.sweep(self.loop.time())
+        self._sweep = self.loop.call_later(SWEEP_INTERVAL, self._swept) if self._posted else None
+
+    def _ended(self, posted: _Posted, error: BaseException | None) -> None:
+        del self._posted[posted]
         if error is not None:
             self.failed += 1
             if self.first_failure is None:
                 self.first_failure = error
             if not self.dropped:
                 log.warning("a message sent in the background was not taken: %s", error)
+        count = len(self._posted)
         # Posters wake once half the backlog is taken, not at each message: one wake for many.
-        if self._room is not None and self.count <= BACKLOG_LIMIT // 2:
+        if self._room is not None and count <= BACKLOG_LIMIT // 2:
             _wake(self._room)
             self._room = None
-        if self._empty is not None and not self.count:
+        if self._empty is not None and not count:
             _wake(self._empty)
             self._empty = None
 
@@ -340,7 +401,7 @@ class _Backlog:
 
     def empty(self) -> asyncio.Future[None]:
         """Done once every message posted so far has been taken or given up."""
-        if not self.count:
+        if not self._posted:
             return self._done()
         if self._empty is None or self._empty.done():
             self._empty = self.loop.create_future()
@@ -492,9 +553,11 @@ class AsyncTransport:
     def _post_now(
         self, address: str, payload: bytes, at_least_once: bool, timeout: float, retry: int | None
     ) -> None:
-        self._backlog.add(
-            self.start_cast(address, payload, at_least_once=at_least_once, timeout=timeout, retry=retry)
-        )
+        posted = self._backlog.post(address, timeout)
+        if at_least_once:
+            _Delivery(self.connection, address, lambda _: payload, retry, posted, posted.taken).send()
+        else:
+            self.connection.send(address, payload, settled=True, outcome=posted)
 
     async def flush(self) -> None:
         """Wait until every cast sent in the background so far has been taken or given up, and raise the

@@ -688,46 +688,42 @@ class _Waiter(Generic[T]):
 
 
 class _ThreadCast:
-    """A blocking cast's caller, for its `_Delivery`: the loop hands the outcome (or the time-out) over at
-    once, and the calling thread waits for it on its own `green.Wakeup`: no future or callback between.
-    Its state changes on the loop only; the caller reads it once woken."""
+    """A blocking cast's caller, for its `_Delivery`: the loop hands the outcome over at once, and the
+    calling thread waits for it on its own `green.Wakeup`, keeping the cast's time-out itself: no future,
+    timer or callback on the loop."""
 
-    __slots__ = ("address", "ended", "error", "timeout", "timer", "wakeup")
+    __slots__ = ("ended", "error", "wakeup")
 
-    def __init__(self, address: str, timeout: float) -> None:
-        self.address = address
-        self.timeout = timeout
+    def __init__(self) -> None:
         self.wakeup = _thread_wakeup()
-        self.timer: asyncio.TimerHandle | None = None
-        self.ended = False
+        self.ended = False  # taken, failed, or given up by the caller
         self.error: BaseException | None = None
 
     def done(self) -> bool:
         return self.ended
 
     def taken(self) -> None:
-        self._end(None)
+        if not self.ended:
+            self.ended = True
+            self.wakeup.wake()
 
     def set_result(self, outcome: Outcome) -> None:  # pre-settled: written
-        self._end(None)
+        self.taken()
 
     def set_exception(self, error: BaseException) -> None:
-        self._end(error)
+        if not self.ended:
+            self.error = error
+            self.ended = True
+            self.wakeup.wake()
 
-    def expire(self) -> None:
-        self._end(MessagingTimeout(f"{self.address}: not taken within {self.timeout} s"))
-
-    def _end(self, error: BaseException | None) -> None:
-        if self.ended:
-            return
-        self.ended, self.error = True, error
-        if self.timer is not None:
-            self.timer.cancel()
-        self.wakeup.wake()
-
-    def wait(self) -> None:
-        while not self.ended:  # a wake left by an interrupted wait (KeyboardInterrupt) is read here
-            self.wakeup.wait()
+    def wait(self, address: str, timeout: float) -> None:
+        # A wake left by an earlier wait that gave up is read here, and the outcome looked at again.
+        deadline = time.monotonic() + timeout
+        while not self.ended:
+            remaining = deadline - time.monotonic()
+            if (remaining <= 0 or not self.wakeup.wait(remaining)) and not self.ended:
+                self.ended = True  # given up: nothing more is sent
+                raise MessagingTimeout(f"{address}: not taken within {timeout} s")
         if self.error is not None:
             raise self.error
 
@@ -803,15 +799,9 @@ class Transport:
             )
             self.wait_for(start)
             return
-        caller = _ThreadCast(address, timeout)
-        self.call_soon_threadsafe(self._start_cast, caller, payload, at_least_once, retry)
-        caller.wait()
-
-    def _start_cast(
-        self, caller: _ThreadCast, payload: bytes, at_least_once: bool, retry: int | None
-    ) -> None:
-        caller.timer = self.loop.call_later(caller.timeout, caller.expire)
-        self.aio._cast_for(caller, caller.address, payload, at_least_once, retry)
+        caller = _ThreadCast()
+        self.call_soon_threadsafe(self.aio._cast_for, caller, address, payload, at_least_once, retry)
+        caller.wait(address, timeout)
 
     def post(
         self, address: str, payload: bytes, *, at_least_once: bool, timeout: float, retry: int | None

@@ -191,14 +191,11 @@ class AsyncRPCClient:
         return self.serializer.deserialize_entity(ctxt, body.get("response"))
 
     def _start_cast(self, ctxt: Any, method: str, kwargs: dict[str, Any]) -> asyncio.Future[Any]:
-        address, payload = self._encode_cast(ctxt, method, kwargs)
+        address = self.transport.rpc_address(self.target)
+        payload = wire.encode_request(address, self._request(ctxt, method, kwargs), self._context(ctxt))
         return self.transport.start_cast(
             address, payload, at_least_once=self.at_least_once, timeout=self.timeout, retry=self.retry
         )
-
-    def _encode_cast(self, ctxt: Any, method: str, kwargs: dict[str, Any]) -> tuple[str, bytes]:
-        address = self.transport.rpc_address(self.target)
-        return address, wire.encode_request(address, self._request(ctxt, method, kwargs), self._context(ctxt))
 
     def _request(self, ctxt: Any, method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         if self.version_cap is not None and not self.can_send_version():
@@ -241,11 +238,7 @@ class RPCClient:
         return self.aio._result(ctxt, self.transport.wait_for(self.aio._start_call, ctxt, method, kwargs))
 
     def cast(self, ctxt: Any, method: str, **kwargs: Any) -> None:
-        aio = self.aio
-        address, payload = aio._encode_cast(ctxt, method, kwargs)
-        self.transport.cast(
-            address, payload, at_least_once=aio.at_least_once, timeout=aio.timeout, retry=aio.retry
-        )
+        self.transport.wait_for(self.aio._start_cast, ctxt, method, kwargs)
 
 
 # -- dispatch -----------------------------------------------------------------------------------------------

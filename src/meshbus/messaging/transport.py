@@ -553,22 +553,11 @@ class AsyncTransport:
     def _post_now(
         self, address: str, payload: bytes, at_least_once: bool, timeout: float, retry: int | None
     ) -> None:
-        self._cast_for(self._backlog.post(address, timeout), address, payload, at_least_once, retry)
-
-    def _cast_for(
-        self,
-        caller: _Posted | _ThreadCast,
-        address: str,
-        payload: bytes,
-        at_least_once: bool,
-        retry: int | None,
-    ) -> None:
-        """A cast whose outcome goes straight to `caller`, with no future between (its time-out is the
-        caller's to keep)."""
+        posted = self._backlog.post(address, timeout)
         if at_least_once:
-            _Delivery(self.connection, address, lambda _: payload, retry, caller, caller.taken).send()
+            _Delivery(self.connection, address, lambda _: payload, retry, posted, posted.taken).send()
         else:
-            self.connection.send(address, payload, settled=True, outcome=caller)
+            self.connection.send(address, payload, settled=True, outcome=posted)
 
     async def flush(self) -> None:
         """Wait until every cast sent in the background so far has been taken or given up, and raise the
@@ -651,13 +640,6 @@ def _detail(outcome: Outcome) -> str:
 _wakeups = threading.local()  # each thread's green.Wakeup, for its blocking calls
 
 
-def _thread_wakeup() -> green.Wakeup:
-    wakeup: green.Wakeup | None = getattr(_wakeups, "wakeup", None)
-    if wakeup is None:
-        wakeup = _wakeups.wakeup = green.Wakeup()
-    return wakeup
-
-
 def _forget_wakeups() -> None:
     # A forked child shares its parent's eventfds: a wake meant for the one could be read by the other.
     global _wakeups
@@ -673,7 +655,10 @@ class _Waiter(Generic[T]):
     __slots__ = ("_future", "_wakeup")
 
     def __init__(self) -> None:
-        self._wakeup = _thread_wakeup()
+        wakeup = getattr(_wakeups, "wakeup", None)
+        if wakeup is None:
+            wakeup = _wakeups.wakeup = green.Wakeup()
+        self._wakeup: green.Wakeup = wakeup
         self._future: asyncio.Future[T] | None = None
 
     def done(self, future: asyncio.Future[T]) -> None:
@@ -685,47 +670,6 @@ class _Waiter(Generic[T]):
         while self._future is None:
             self._wakeup.wait()
         return self._future.result()
-
-
-class _ThreadCast:
-    """A blocking cast's caller, for its `_Delivery`: the loop hands the outcome over at once, and the
-    calling thread waits for it on its own `green.Wakeup`, keeping the cast's time-out itself: no future,
-    timer or callback on the loop."""
-
-    __slots__ = ("ended", "error", "wakeup")
-
-    def __init__(self) -> None:
-        self.wakeup = _thread_wakeup()
-        self.ended = False  # taken, failed, or given up by the caller
-        self.error: BaseException | None = None
-
-    def done(self) -> bool:
-        return self.ended
-
-    def taken(self) -> None:
-        if not self.ended:
-            self.ended = True
-            self.wakeup.wake()
-
-    def set_result(self, outcome: Outcome) -> None:  # pre-settled: written
-        self.taken()
-
-    def set_exception(self, error: BaseException) -> None:
-        if not self.ended:
-            self.error = error
-            self.ended = True
-            self.wakeup.wake()
-
-    def wait(self, address: str, timeout: float) -> None:
-        # A wake left by an earlier wait that gave up is read here, and the outcome looked at again.
-        deadline = time.monotonic() + timeout
-        while not self.ended:
-            remaining = deadline - time.monotonic()
-            if (remaining <= 0 or not self.wakeup.wait(remaining)) and not self.ended:
-                self.ended = True  # given up: nothing more is sent
-                raise MessagingTimeout(f"{address}: not taken within {timeout} s")
-        if self.error is not None:
-            raise self.error
 
 
 class Transport:
@@ -783,25 +727,6 @@ class Transport:
         if not self._inbox_woken:
             self._inbox_woken = True
             self._inbox_wakeup.wake()
-
-    def cast(
-        self, address: str, payload: bytes, *, at_least_once: bool, timeout: float, retry: int | None
-    ) -> None:
-        """`AsyncTransport.start_cast`, waited for (from any thread but the loop's)."""
-        if self._green:
-            start = functools.partial(
-                self.aio.start_cast,
-                address,
-                payload,
-                at_least_once=at_least_once,
-                timeout=timeout,
-                retry=retry,
-            )
-            self.wait_for(start)
-            return
-        caller = _ThreadCast()
-        self.call_soon_threadsafe(self.aio._cast_for, caller, address, payload, at_least_once, retry)
-        caller.wait(address, timeout)
 
     def post(
         self, address: str, payload: bytes, *, at_least_once: bool, timeout: float, retry: int | None

@@ -365,7 +365,7 @@ class ClientConnection:
         true before the message is written gave it up: it is never written.)"""
         sink: OutcomeSink = self._loop.create_future() if outcome is None else outcome
         if self._closing:
-            sink.set_exception(ClientError("the connection is closed"))
+            _tell(sink, ClientError("the connection is closed"))
             return sink
         item = _Send(address, payload, settled, sink)
         if self._queue or not self._write(item):
@@ -399,9 +399,7 @@ class ClientConnection:
         self._drop_connection("closed by the application")
         error = ClientError("the connection was closed before this message was sent")
         while self._queue:
-            item = self._queue.popleft()
-            if not item.sink.done():
-                item.sink.set_exception(error)
+            _tell(self._queue.popleft().sink, error)
 
     # -- connecting -------------------------------------------------------------------------------
 
@@ -477,8 +475,7 @@ class ClientConnection:
         in_flight, self._in_flight = self._in_flight, {}
         unknown = OutcomeUnknown(f"the connection dropped ({reason}) before the message's outcome came back")
         for item in in_flight.values():
-            if not item.sink.done():
-                item.sink.set_exception(unknown)
+            _tell(item.sink, unknown)
         self._senders.clear()
         self._links.clear()
         for receiver in self._receivers:
@@ -658,10 +655,7 @@ class ClientConnection:
         for delivery, item in list(self._in_flight.items()):
             if lib.pn_delivery_link(delivery) == link:
                 del self._in_flight[delivery]
-                if not item.sink.done():
-                    item.sink.set_exception(
-                        OutcomeUnknown(f"the link to {item.address} closed: {_describe(error)}")
-                    )
+                _tell(item.sink, OutcomeUnknown(f"the link to {item.address} closed: {_describe(error)}"))
         lib.pn_link_free(link)
 
     def _on_delivery(self, delivery: CData) -> None:
@@ -671,8 +665,8 @@ class ClientConnection:
                 return
             item = self._in_flight.pop(delivery, None)
             lib.pn_delivery_settle(delivery)
-            if item is not None and not item.sink.done():
-                item.sink.set_result(_read_outcome(delivery))
+            if item is not None:
+                _tell(item.sink, _read_outcome(delivery))
             return
         if lib.pn_delivery_partial(delivery) or not lib.pn_delivery_readable(delivery):
             return
@@ -754,7 +748,7 @@ class ClientConnection:
         lib.pn_link_advance(link)
         if item.settled:
             lib.pn_delivery_settle(delivery)
-            item.sink.set_result(SETTLED_OUTCOME)
+            _tell(item.sink, SETTLED_OUTCOME)
         else:
             self._in_flight[delivery] = item
         # Proton frames a transfer only when asked for output, and only while the link still has credit. The
@@ -799,6 +793,20 @@ def _read(link: CData, delivery: CData, buffer: CData) -> bytes:
         if got <= 0:
             return b"".join(pieces)
         pieces.append(ffi.buffer(buffer, got)[:])
+
+
+def _tell(sink: OutcomeSink, outcome: Outcome | BaseException) -> None:
+    """Hand a send's outcome to its sink, unless it gave the send up. A sink that raises is logged: the
+    connection's other deliveries carry on."""
+    if sink.done():
+        return
+    try:
+        if isinstance(outcome, BaseException):
+            sink.set_exception(outcome)
+        else:
+            sink.set_result(outcome)
+    except Exception:
+        log.exception("a send's outcome could not be handed over")
 
 
 def _read_outcome(delivery: CData) -> Outcome:

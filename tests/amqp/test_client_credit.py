@@ -7,10 +7,9 @@ import uuid
 
 from proton import Message
 
-from meshbus.amqp.client import ACCEPTED, RELEASED, ClientConnection, Host, IncomingMessage, Outcome
+from meshbus.amqp.client import ACCEPTED, RELEASED, Outcome
+from tests.amqp.connections import WAIT, consumer_and_producer
 from tests.conftest import Router
-
-WAIT = 10.0  # seconds to wait for what should happen at once
 
 
 def encoded(address: str) -> bytes:
@@ -27,12 +26,7 @@ def test_a_send_written_as_its_links_credit_is_withdrawn_still_gets_an_outcome(
 
     async def scenario() -> Outcome:
         loop = asyncio.get_running_loop()
-        hosts = [Host(default_router.host, default_router.port)]
-        server, client = ClientConnection(hosts), ClientConnection(hosts)
-        try:
-            await asyncio.wait_for(asyncio.gather(server.wait_connected(), client.wait_connected()), WAIT)
-            consumer = server.receive(address, IncomingMessage.accept)
-            await asyncio.wait_for(consumer.ready(), WAIT)
+        async with consumer_and_producer(default_router, address) as (server, consumer, client):
             first = await asyncio.wait_for(client.send(address, encoded(address)), WAIT)
             assert first.state == ACCEPTED  # the client now has a per-address link with credit
             socket = client._socket
@@ -49,8 +43,6 @@ def test_a_send_written_as_its_links_credit_is_withdrawn_still_gets_an_outcome(
             sent: asyncio.Future[asyncio.Future[Outcome]] = loop.create_future()
             loop.call_soon(lambda: sent.set_result(client.send(address, encoded(address))))
             return await asyncio.wait_for(await sent, WAIT)
-        finally:
-            await asyncio.gather(server.close(), client.close())
 
     loop = asyncio.new_event_loop()  # the selector loop: the order of callbacks above is its order
     try:

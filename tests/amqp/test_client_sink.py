@@ -9,10 +9,9 @@ import uuid
 import pytest
 from proton import Message
 
-from meshbus.amqp.client import ACCEPTED, ClientConnection, Host, IncomingMessage, Outcome
+from meshbus.amqp.client import ACCEPTED, Outcome
+from tests.amqp.connections import WAIT, consumer_and_producer
 from tests.conftest import Router
-
-WAIT = 10.0  # seconds to wait for what should happen at once
 
 
 class Sink:
@@ -41,12 +40,7 @@ def test_a_sink_gets_its_outcome_and_one_that_raises_stops_nothing_else(
     payload = bytes(Message(address=address, body="work").encode())
 
     async def scenario() -> tuple[Sink, Outcome]:
-        hosts = [Host(default_router.host, default_router.port)]
-        server, client = ClientConnection(hosts), ClientConnection(hosts)
-        try:
-            await asyncio.wait_for(asyncio.gather(server.wait_connected(), client.wait_connected()), WAIT)
-            consumer = server.receive(address, IncomingMessage.accept)
-            await asyncio.wait_for(consumer.ready(), WAIT)
+        async with consumer_and_producer(default_router, address) as (_, _, client):
             sink = Sink()
             client.send(address, payload, outcome=Sink(broken=True))
             assert client.send(address, payload, outcome=sink) is sink
@@ -56,8 +50,6 @@ def test_a_sink_gets_its_outcome_and_one_that_raises_stops_nothing_else(
                 assert asyncio.get_running_loop().time() < deadline, "the sink got no outcome"
                 await asyncio.sleep(0.01)
             return sink, last
-        finally:
-            await asyncio.gather(server.close(), client.close())
 
     sink, last = asyncio.run(scenario())
     assert [outcome.state for outcome in sink.outcomes if isinstance(outcome, Outcome)] == [ACCEPTED]

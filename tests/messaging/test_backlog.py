@@ -7,7 +7,7 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from proton.utils import BlockingConnection
@@ -145,38 +145,34 @@ def post(sending: Transport, address: str) -> None:
     sending.post(address, message, at_least_once=True, timeout=WAIT, retry=None)
 
 
+def waits_until(work: Callable[[], None], release: Callable[[], None], what: str) -> None:
+    """`work`, in a thread, still waits a moment after it began, and returns once `release()` has run."""
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(0.2)
+    assert thread.is_alive(), f"{what} did not wait"
+    release()
+    thread.join(WAIT)
+    assert not thread.is_alive(), f"{what} still waits"
+
+
 def test_a_post_returns_before_it_is_taken_and_flush_waits_for_it(sending: Transport, held: Held) -> None:
-    address = held.address
-    post(sending, address)
+    post(sending, held.address)
     held.receive()  # delivered, not yet settled
-    flushed = threading.Thread(target=sending.flush)
-    flushed.start()
-    flushed.join(0.2)
-    assert flushed.is_alive(), "flush returned before the message was taken"
-    held.settle("accept")
-    flushed.join(WAIT)
-    assert not flushed.is_alive()
+    waits_until(sending.flush, lambda: held.settle("accept"), "flush")
 
 
 def test_a_post_waits_while_the_backlog_is_full(sending: Transport, held: Held, limit: int) -> None:
-    address = held.address
     for _ in range(limit):
-        post(sending, address)
+        post(sending, held.address)
     held.receive(limit)
-    waiting = threading.Thread(target=post, args=(sending, address))
-    waiting.start()
-    waiting.join(0.2)
-    assert waiting.is_alive(), "a post went past a full backlog"
-    held.settle("accept", limit // 2)
-    waiting.join(WAIT)
-    assert not waiting.is_alive()
+    waits_until(lambda: post(sending, held.address), lambda: held.settle("accept", limit // 2), "a post")
 
 
 def test_a_refused_post_is_logged_and_raised_by_the_next_flush(
     sending: Transport, held: Held, caplog: pytest.LogCaptureFixture
 ) -> None:
-    address = held.address
-    post(sending, address)
+    post(sending, held.address)
     held.receive()
     held.settle("reject")
     with pytest.raises(MessageDeliveryFailure, match="rejected"):
@@ -186,17 +182,10 @@ def test_a_refused_post_is_logged_and_raised_by_the_next_flush(
 
 
 def test_close_waits_for_the_backlog_to_be_taken(default_router: Router, held: Held) -> None:
-    address = held.address
     closing = Transport(url_of(default_router))
-    post(closing, address)
+    post(closing, held.address)
     held.receive()
-    closed = threading.Thread(target=closing.close)
-    closed.start()
-    closed.join(0.2)
-    assert closed.is_alive(), "closed with a message not yet taken"
-    held.settle("accept")
-    closed.join(WAIT)
-    assert not closed.is_alive()
+    waits_until(closing.close, lambda: held.settle("accept"), "close")
 
 
 def test_close_drops_what_is_not_taken_in_time_and_says_so(
@@ -206,9 +195,8 @@ def test_close_drops_what_is_not_taken_in_time_and_says_so(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(transport_module, "CLOSE_LINGER", 0.1)
-    address = held.address
     closing = Transport(url_of(default_router))
-    post(closing, address)
+    post(closing, held.address)
     held.receive()
     closing.close()
     warnings = [r.getMessage() for r in caplog.records if r.name == "meshbus.messaging"]

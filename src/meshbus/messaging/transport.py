@@ -6,7 +6,9 @@ listener made on it, with the one reply link all of its calls share.
 
 Rules of this module:
 1. It turns a URL into a connection and delivers: it sends a request until it is taken (resending what the
-   router gave back, within the retry budget), and matches replies to calls by correlation id.
+   router gave back, within the retry budget), and matches replies to calls by correlation id. A call or
+   cast has its caller wait for the outcome; a post (a notification) does not: it joins the transport's
+   bounded backlog, and `flush()` reports what was never taken.
 2. What a request or reply looks like is wire.py's; what a call or a server does is rpc.py's.
 """
 

@@ -304,22 +304,22 @@ class AsyncNotificationListener(AsyncService):
         self.batch_timeout = batch_timeout
         self.credit = max(credit, self.batch_size)
         self.batching = self.batch_size > 1 or batch_timeout is not None
-        self.priorities = [
-            p for p in PRIORITIES if any(callable(getattr(e, p, None)) for e in self.endpoints)
-        ]
-        if not self.priorities:
-            raise ValueError(f"no endpoint has a method for any priority ({', '.join(PRIORITIES)})")
-        self._batches: dict[str, _Batch] = {}
-        # Per priority, looked up once: the endpoints' methods, their filters, and whether each is a
-        # coroutine function. Dispatch runs on the loop if one is, else wholly in the executor.
-        self._methods = {
+        # Per priority some endpoint has a method for, looked up once: the endpoints' methods, their filters,
+        # and whether each is a coroutine function. Dispatch runs on the loop if one is, else wholly in the
+        # executor.
+        methods = {
             priority: [
                 _Method(method, getattr(endpoint, "filter_rule", None), inspect.iscoroutinefunction(method))
                 for endpoint in self.endpoints
                 if callable(method := getattr(endpoint, priority, None))
             ]
-            for priority in self.priorities
+            for priority in PRIORITIES
         }
+        self._methods = {priority: found for priority, found in methods.items() if found}
+        self.priorities = list(self._methods)
+        if not self.priorities:
+            raise ValueError(f"no endpoint has a method for any priority ({', '.join(PRIORITIES)})")
+        self._batches: dict[str, _Batch] = {}
         self._coroutines = {
             priority: any(method.coroutine for method in methods)
             for priority, methods in self._methods.items()

@@ -304,9 +304,13 @@ class _PendingCall:
             self._watch.cancel()
 
 
+def _not_taken(address: str, timeout: float) -> MessagingTimeout:
+    return MessagingTimeout(f"{address}: not taken within {timeout} s")
+
+
 def _cast_expired(taken: asyncio.Future[None], address: str, timeout: float) -> None:
     if not taken.done():
-        taken.set_exception(MessagingTimeout(f"{address}: not taken within {timeout} s"))
+        taken.set_exception(_not_taken(address, timeout))
 
 
 class _Posted:
@@ -370,7 +374,7 @@ class _Backlog:
     def sweep(self, now: float) -> None:
         """Give up what is still not taken at its deadline."""
         for posted in [posted for posted in self._posted if posted.deadline <= now]:
-            posted.set_exception(MessagingTimeout(f"{posted.address}: not taken within {posted.timeout} s"))
+            posted.set_exception(_not_taken(posted.address, posted.timeout))
 
     def _swept(self) -> None:
         self.sweep(self.loop.time())

@@ -330,14 +330,15 @@ class _Posted:
         return self.ended
 
     def taken(self) -> None:
-        if not self.ended:
-            self.ended = True
-            self.backlog._ended(self, None)
+        self._end(None)
 
     def set_result(self, outcome: Outcome) -> None:  # pre-settled: written, and so taken as far as we know
-        self.taken()
+        self._end(None)
 
     def set_exception(self, error: BaseException) -> None:
+        self._end(error)
+
+    def _end(self, error: BaseException | None) -> None:
         if not self.ended:
             self.ended = True
             self.backlog._ended(self, error)

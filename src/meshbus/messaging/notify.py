@@ -42,6 +42,10 @@ log = logging.getLogger("meshbus.messaging.notify")
 PRIORITIES: Final = ("audit", "debug", "info", "warn", "error", "critical", "sample")
 DEFAULT_TOPICS: Final = ("notifications",)
 DEFAULT_TIMEOUT: Final = 60.0  # seconds a notification may wait to be taken
+# A listener's credit per link. Under load the router moves a listener's settlements and its next
+# notifications in turns of a few milliseconds; a window of several turns lets the listener work on one batch
+# while the router prepares the next, instead of the two taking turns (bench/README.md, session 11).
+LISTENER_CREDIT: Final = 1000
 
 R = TypeVar("R")
 
@@ -292,7 +296,7 @@ class AsyncNotificationListener(AsyncService):
         executor: concurrent.futures.Executor | None = None,
         batch_size: int = 1,
         batch_timeout: float | None = None,
-        credit: int = 100,
+        credit: int = LISTENER_CREDIT,
     ) -> None:
         super().__init__(transport, executor)
         self.targets = list(targets)

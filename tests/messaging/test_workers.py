@@ -1,14 +1,19 @@
-"""green.Workers, the thread pool of the blocking servers, on its own: no router."""
+"""green.Workers, the thread pool of the blocking servers, on its own, and how a service hands work to it and
+takes the results back: no router."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from meshbus.messaging.green import Workers
+from meshbus.messaging.transport import AsyncService
 
 WAIT = 10.0
 
@@ -70,3 +75,42 @@ def test_submit_gives_a_future_and_shutdown_runs_what_was_given_first() -> None:
     assert sorted(finished) == [0, 1, 2, 3, 4]
     with pytest.raises(RuntimeError, match="shut down"):
         workers.run(print)
+
+
+def test_a_service_gets_every_result_back_on_its_loop_though_a_job_and_a_follow_up_fail(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Results come back in bursts (one call of the loop for many): one that fails must not strand the rest,
+    and each piece of work ends, so that `wait()` returns."""
+    got: list[int] = []
+    loop_threads: set[int] = set()
+
+    def keep(result: int) -> None:
+        loop_threads.add(threading.get_ident())
+        got.append(result)
+
+    def fail() -> int:
+        raise RuntimeError("job")
+
+    def fail_after(result: int) -> None:
+        raise RuntimeError("follow-up")
+
+    async def main() -> None:
+        workers = Workers(4, "test-worker")
+        transport: Any = SimpleNamespace(loop=asyncio.get_running_loop())
+        service = AsyncService(transport, workers)
+        service.run_in_worker(fail, keep)
+        service.run_in_worker(lambda: -1, fail_after)
+        for turn in range(10):
+            for job in range(50):
+                service.run_in_worker(lambda n=turn * 50 + job: n, keep)
+            await asyncio.sleep(0)
+        await asyncio.wait_for(service.wait(), WAIT)
+        workers.shutdown()
+        assert loop_threads == {threading.get_ident()}
+
+    with caplog.at_level(logging.ERROR, logger="meshbus.messaging"):
+        asyncio.run(main())
+    assert sorted(got) == list(range(500))
+    assert "a worker's job failed" in caplog.text
+    assert "handling a worker's result failed" in caplog.text

@@ -829,6 +829,12 @@ class AsyncService:
         self._receivers: list[Receiver] = []
         self._stopped: list[Receiver] = []
         self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references to tasks
+        # Work for the executor, handed over once per turn of the loop; and the results of work done, taken
+        # back by one call of the loop however many the workers add meanwhile (`_collecting`: that call is
+        # on its way).
+        self._for_workers: list[tuple[Callable[[], Any], Callable[[Any], None]]] = []
+        self._from_workers: deque[tuple[Callable[[Any], None], Any]] = deque()
+        self._collecting = False
         self._working = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -889,35 +895,47 @@ class AsyncService:
         """Run plain `work` in the executor, counted as work in progress, then `then(its result)` on the
         loop: one hop each way, no task."""
         self.begin()
-        # Started on the next turn of the loop, after this turn's output is written: a request's acceptance
-        # is on its way before its endpoint runs. (The transport's loop, not asyncio.get_running_loop(): on
-        # Python 3.11 that costs a getpid() system call.)
-        self.transport.loop.call_soon(self._start_worker, work, then)
+        # Handed to the executor on the next turn of the loop, with the rest of this turn's: after this turn's
+        # output is written, so a request's acceptance is on its way before its endpoint runs. (The
+        # transport's loop, not asyncio.get_running_loop(): on Python 3.11 that costs a getpid() system call.)
+        if not self._for_workers:
+            self.transport.loop.call_soon(self._start_workers)
+        self._for_workers.append((work, then))
 
-    def _start_worker(self, work: Callable[[], R], then: Callable[[R], None]) -> None:
+    def _start_workers(self) -> None:
+        jobs, self._for_workers = self._for_workers, []
         if self.executor is None:
             # OS threads, as asyncio's default executor: even under eventlet this loop's thread has no hub.
             self.executor = green.Workers(DEFAULT_WORKERS, "meshbus-worker")
-        job = functools.partial(self._in_worker, work, then)
-        if isinstance(self.executor, green.Workers):
-            self.executor.run(job)  # no future: the job hands its result to the loop itself
-        else:
-            self.executor.submit(job)
+        # Workers.run takes a job without a future: the job hands its result to the loop itself.
+        give = self.executor.run if isinstance(self.executor, green.Workers) else self.executor.submit
+        for work, then in jobs:
+            give(self._in_worker, work, then)
 
     def _in_worker(self, work: Callable[[], R], then: Callable[[R], None]) -> None:
         try:
             result = work()
         except Exception:
             log.exception("%s: a worker's job failed", type(self).__name__)
-            self.transport.loop.call_soon_threadsafe(self.end)
-            return
-        self.transport.loop.call_soon_threadsafe(self._after_worker, then, result)
+            self._from_workers.append((_ended, None))
+        else:
+            self._from_workers.append((then, result))
+        if not self._collecting:
+            self._collecting = True
+            self.transport.loop.call_soon_threadsafe(self._after_workers)
 
-    def _after_worker(self, then: Callable[[R], None], result: R) -> None:
-        try:
-            then(result)
-        finally:
-            self.end()
+    def _after_workers(self) -> None:
+        # Cleared before the results are taken: a worker that adds one from now on calls again.
+        self._collecting = False
+        finished = self._from_workers
+        while finished:
+            then, result = finished.popleft()
+            try:
+                then(result)
+            except Exception:
+                log.exception("%s: handling a worker's result failed", type(self).__name__)
+            finally:
+                self.end()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -946,6 +964,10 @@ class BlockingService:
     def wait(self) -> None:
         self.transport.run(self.aio.wait())
         self.executor.shutdown(wait=True)
+
+
+def _ended(result: None) -> None:
+    """What follows a job that failed (and was logged): nothing but the end of its work."""
 
 
 async def _awaiting(start: Callable[..., asyncio.Future[T]], args: tuple[Any, ...]) -> T:

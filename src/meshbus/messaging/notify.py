@@ -67,7 +67,7 @@ def timestamp() -> str:
     """Now in UTC as oslo's notifications carry it (str() of a naive datetime): the date and time formatted
     once a second, the microseconds each time (a third of the cost of formatting a datetime)."""
     global _second
-    second, micro = divmod(round(time.time() * 1_000_000), 1_000_000)
+    second, micro = divmod(time.time_ns() // 1000, 1_000_000)
     cached = _second
     if cached[0] != second:
         cached = _second = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second)))
@@ -78,7 +78,7 @@ def message_id() -> str:
     """A random (version 4) UUID as text, as oslo's notifications carry: str(uuid.uuid4()) at a quarter of
     its cost. An identifier, not a secret: `random` (reseeded in a forked child) rather than a system call
     per notification to the kernel's source."""
-    digits = f"{random.getrandbits(128):032x}"
+    digits = "%032x" % random.getrandbits(128)  # noqa: UP031 (a third faster than a format spec)
     return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{_VARIANT[digits[16]]}{digits[17:20]}-{digits[20:]}"
 
 

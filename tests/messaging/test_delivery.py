@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from meshbus.amqp.client import SEND_WITHIN, IncomingMessage
+from meshbus.amqp.client import IncomingMessage
 from meshbus.messaging import (
     AsyncRPCClient,
     LinkRefused,
@@ -281,17 +281,3 @@ def test_a_receiver_the_router_refuses_fails_the_start(router: Callable[[Config]
     # The connection is still good for the addresses the router serves.
     api.server(transport, Target(topic="served", server="s"), [Service()])
     assert api.client(transport, Target(topic="served")).call({}, "echo", value="ok") == "ok"
-
-
-def test_the_blocking_face_writes_its_callers_sends_at_the_end_of_the_turn(blocking: BlockingApi) -> None:
-    """Callers' sends, handed to the I/O thread, go in one write per turn; tasks on its loop keep theirs."""
-    transport = blocking.transport()
-    connection = transport.aio.connection
-    seen: queue.SimpleQueue[float | None] = queue.SimpleQueue()
-    transport.call_soon_threadsafe(lambda: seen.put(connection.send_within))
-    assert seen.get(timeout=WAIT) is None
-
-    async def from_a_task() -> float | None:
-        return connection.send_within
-
-    assert transport.run(from_a_task()) == SEND_WITHIN

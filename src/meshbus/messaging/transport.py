@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import functools
 import itertools
 import logging
@@ -695,7 +694,6 @@ class Transport:
         self._inbox: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
         self._inbox_wakeup = green.Wakeup(for_loop=True)
         self._inbox_woken = False
-        self._connection: ClientConnection | None = None  # once made
         self.loop.add_reader(self._inbox_wakeup.fd, self._take_inbox)
         self._thread = green.os_thread(self.loop.run_forever, "meshbus-io")
         self._thread.start()
@@ -704,7 +702,6 @@ class Transport:
             return AsyncTransport(url, default_exchange=default_exchange)
 
         self.aio = self.run(make())
-        self._connection = self.aio.connection
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run `coroutine` on the transport's loop and wait for its result (from any thread but that one)."""
@@ -752,17 +749,16 @@ class Transport:
         self._inbox_wakeup.clear()
         # Cleared after the read, before the look: what is queued from now on wakes the loop again.
         self._inbox_woken = False
-        # The callers' sends: their work was done on their own threads, so this turn is short, and its sends
-        # go in one write at its end (written sooner, they cost the core the callers share 6% of casts/s).
-        connection = self._connection
-        with contextlib.nullcontext() if connection is None else connection.sending_at_end_of_turn():
-            inbox = self._inbox
-            while inbox:
-                callback, args = inbox.popleft()
-                try:
-                    callback(*args)
-                except Exception:  # the rest of the inbox still runs
-                    log.exception("a callback handed to the I/O thread failed")
+        # The callers' sends. Those of a long turn go out once they have waited `send_within`, as a task's
+        # do: the router starts on the first while this thread writes the rest (blocking calls at 16 threads
+        # +9-17%, bench/README.md, session 11).
+        inbox = self._inbox
+        while inbox:
+            callback, args = inbox.popleft()
+            try:
+                callback(*args)
+            except Exception:  # the rest of the inbox still runs
+                log.exception("a callback handed to the I/O thread failed")
 
     def _start(
         self, start: Callable[..., asyncio.Future[T]], args: tuple[Any, ...], waiter: _Waiter[T]

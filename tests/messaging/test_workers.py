@@ -4,6 +4,7 @@ takes the results back: no router."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -43,6 +44,18 @@ def test_jobs_run_on_at_most_max_workers_threads_of_the_librarys_own() -> None:
     workers.shutdown()
     assert peak == 3
     assert names == {"test-worker_0", "test-worker_1", "test-worker_2"}
+
+
+def test_a_job_that_blocks_holds_up_no_other() -> None:
+    """A job that blocks (an endpoint waiting on I/O) leaves the others to the other workers."""
+    workers = Workers(2, "test-worker")
+    gate = threading.Event()
+    done = threading.Event()
+    workers.run(gate.wait, WAIT)
+    workers.run(done.set)
+    assert done.wait(WAIT)
+    gate.set()
+    workers.shutdown()
 
 
 def test_a_failing_job_is_logged_and_the_worker_carries_on(caplog: pytest.LogCaptureFixture) -> None:
@@ -103,7 +116,7 @@ def test_a_service_gets_every_result_back_on_its_loop_though_a_job_and_a_follow_
         service.run_in_worker(lambda: -1, fail_after)
         for turn in range(10):
             for job in range(50):
-                service.run_in_worker(lambda n=turn * 50 + job: n, keep)
+                service.run_in_worker(functools.partial(int, turn * 50 + job), keep)
             await asyncio.sleep(0)
         await asyncio.wait_for(service.wait(), WAIT)
         workers.shutdown()

@@ -1,4 +1,5 @@
-"""peek() against proton's own encoding and decoding of generated messages, and against broken input."""
+"""peek() and fields() against proton's own encoding and decoding of generated messages, and against broken
+input."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from proton import Data, Described, Message, symbol, ulong
 
-from meshbus.amqp.peek import Scan, peek
+from meshbus.amqp.peek import Fields, Scan, fields, peek
 
 SECTION_NAMES = {
     0x70: "amqp:header:list",
@@ -197,3 +198,70 @@ def test_described_field_values_are_skipped() -> None:
     message_id = Described(symbol("x-id"), Described(ulong(7), "nested"))
     data.put_object(Described(ulong(0x73), [message_id, None, "after-described"]))
     assert peek(bytes(data.encode())) == ("after-described", None, None, Scan.COMPLETE)
+
+
+# -- fields -------------------------------------------------------------------------------------------------
+
+
+def proton_read(encoded: bytes) -> Fields | None:
+    """What `fields` must return, worked out from proton's decoding: None where the body is not one
+    string, binary or null, or an id is not a string (or absent)."""
+    message = Message()
+    message.decode(encoded)
+    body, message_id, correlation_id = message.body, message.id, message.correlation_id
+    if isinstance(body, memoryview):  # how proton's binding gives some binary bodies
+        body = bytes(body)
+    if not isinstance(body, str | bytes | None) or not isinstance(message_id, str | None):
+        return None
+    if not isinstance(correlation_id, str | None):
+        return None
+    if body is None:
+        return -1, -1, message_id, message.reply_to, correlation_id
+    raw = body.encode() if isinstance(body, str) else body
+    start = encoded.rindex(raw) if raw else len(encoded)  # the body section comes last
+    return start, start + len(raw), message_id, message.reply_to, correlation_id
+
+
+@given(messages())
+@settings(max_examples=300)
+def test_fields_read_what_proton_reads_or_leave_the_message_to_proton(encoded: bytes) -> None:
+    assert fields(encoded) == proton_read(encoded)
+
+
+@given(messages())
+def test_fields_read_symbolic_descriptors_like_numeric_ones(encoded: bytes) -> None:
+    def read(encoded: bytes) -> tuple[bytes, str | None, str | None, str | None] | None:
+        # The body's bytes, not its span: the longer descriptors move it.
+        found = fields(encoded)
+        return None if found is None else (encoded[found[0] : found[1]], *found[2:])
+
+    assert read(with_symbolic_descriptors(encoded)) == read(encoded)
+
+
+@given(messages())
+@settings(max_examples=50)
+def test_fields_of_a_truncated_message_are_none_or_those_of_the_message_it_still_is(encoded: bytes) -> None:
+    for length in range(len(encoded)):
+        found = fields(encoded[:length])
+        assert found is None or found == proton_read(encoded[:length])
+
+
+@given(st.binary(max_size=400))
+@settings(max_examples=500)
+def test_fields_of_random_bytes_never_raise(garbage: bytes) -> None:
+    assert fields(garbage) is None or isinstance(fields(garbage), tuple)
+
+
+def test_fields_leave_a_second_body_section_to_proton() -> None:
+    encoded = bytes(Message(body=b"{}", inferred=True).encode())
+    body = encoded[encoded.index(b"\x00\x53\x75") :]
+    assert fields(encoded) is not None
+    assert fields(encoded + body) is None
+
+
+def test_fields_read_past_a_footer() -> None:
+    data = Data()
+    data.put_object(Described(ulong(0x78), {symbol("x-check"): 1}))
+    encoded = bytes(Message(body="{}", reply_to="r").encode())
+    found = (len(encoded) - 2, len(encoded), None, "r", None)
+    assert fields(encoded + bytes(data.encode())) == fields(encoded) == found

@@ -13,6 +13,12 @@ reply-to...), 1.9 us with both annotation sections and an expiry. Same run: prot
 pn_message_decode through cffi plus three getters 0.9-1.7 us (2.6 us for a 64 KiB body). Bytecodes are the
 cost here: every helper call or enum member access avoided in the hot loop below is worth about 60 ns
 (interpreted; the router runs this module compiled by mypyc, which indexes `bytes` directly: bytes only).
+
+`fields` is the same kind of scan for the messaging library, which reads from each message it receives only
+its JSON body and its string ids. It handles the shape proton and the oslo.messaging drivers write (one
+body section holding text or binary, ids that are strings or absent) and returns None for any other, and
+for anything malformed, so that the caller decodes those with proton: a fast path, not a second codec.
+Compiled, it costs 0.6 us for a request, where pn_message_decode and the reads after it cost 3.9 us.
 """
 
 from __future__ import annotations
@@ -33,7 +39,12 @@ _COMPLETE, _INCOMPLETE, _MALFORMED = Scan.COMPLETE, Scan.INCOMPLETE, Scan.MALFOR
 # (to, ttl in ms, absolute expiry in ms since the epoch, scan). A plain tuple: a NamedTuple costs 0.2 us more.
 Peeked = tuple[str | None, int | None, int | None, Scan]
 
+# (body start, body end, message id, reply-to, correlation id); a body start of -1: no body, or a null one.
+Fields = tuple[int, int, str | None, str | None, str | None]
+
 _HEADER, _DELIVERY_ANNOTATIONS, _MESSAGE_ANNOTATIONS, _PROPERTIES = 0x70, 0x71, 0x72, 0x73
+_DATA, _AMQP_VALUE, _FOOTER = 0x75, 0x77, 0x78
+_PASSED: Final = frozenset({0x70, 0x71, 0x72, 0x74})  # by `fields`, before the body
 _READ: Final = frozenset({_HEADER, _PROPERTIES})
 _SKIPPED: Final = frozenset({0x71, 0x72, 0x74, 0x78})  # annotations, application-properties, footer
 _BODY: Final = frozenset({0x75, 0x76, 0x77})  # data, amqp-sequence, amqp-value
@@ -154,6 +165,78 @@ def peek(buf: bytes) -> Peeked:
     except (_Malformed, UnicodeDecodeError):
         return to, ttl, expiry, _MALFORMED
     return to, ttl, expiry, _INCOMPLETE
+
+
+def fields(buf: bytes) -> Fields | None:
+    """The body span and string ids of the whole encoded message in `buf` (see the module docstring), or
+    None: decode it with proton."""
+    message_id = reply_to = correlation_id = None
+    start = end = -1
+    body_read = False
+    pos, n = 0, len(buf)
+    try:
+        while pos < n:
+            if buf[pos] != 0x00:
+                return None
+            if buf[pos + 1] == 0x53:
+                section = buf[pos + 2]
+                pos += 3
+            else:
+                pos, section = _descriptor(buf, pos + 1)
+            if body_read:  # only a footer may follow the body
+                if section != _FOOTER:
+                    return None
+                pos = _skip(buf, pos)
+            elif section == _PROPERTIES:
+                code = buf[pos]
+                if code == 0x45:  # list0
+                    pos += 1
+                    continue
+                if code == 0xC0:
+                    count, after = buf[pos + 2], pos + 2 + buf[pos + 1]
+                    pos += 3
+                elif code == 0xD0:
+                    size, count = _LIST32.unpack_from(buf, pos + 1)
+                    after = pos + 5 + size
+                    pos += 9
+                else:
+                    return None
+                # message-id is field 0, reply-to 4, correlation-id 5.
+                for index in range(count if count < 6 else 6):
+                    code = buf[pos]
+                    if code != 0x40 and (index == 0 or index >= 4):
+                        if code != 0xA1 and code != 0xB1:  # not a string: an id of another type
+                            return None
+                        if index == 0:
+                            message_id = _text(buf, pos)
+                        elif index == 4:
+                            reply_to = _text(buf, pos)
+                        else:
+                            correlation_id = _text(buf, pos)
+                    pos = _skip(buf, pos)
+                pos = after
+            elif section in (_AMQP_VALUE, _DATA):
+                body_read = True
+                code = buf[pos]
+                if code == 0x40 and section == _AMQP_VALUE:  # null: no body
+                    pos += 1
+                elif code == 0xA0 or (code == 0xA1 and section == _AMQP_VALUE):  # vbin8, str8
+                    start = pos + 2
+                    end = pos = start + buf[pos + 1]
+                elif code == 0xB0 or (code == 0xB1 and section == _AMQP_VALUE):  # vbin32, str32
+                    start = pos + 5
+                    end = pos = start + _U32.unpack_from(buf, pos + 1)[0]
+                else:
+                    return None
+            elif section in _PASSED:
+                pos = _skip(buf, pos)
+            else:  # an amqp-sequence body, a footer with no body, or no section at all
+                return None
+    except (_Malformed, IndexError, struct.error, UnicodeDecodeError):
+        return None
+    if pos != n:  # a size that points past the end
+        return None
+    return start, end, message_id, reply_to, correlation_id
 
 
 def annotations_span(buf: bytes) -> tuple[int, int]:

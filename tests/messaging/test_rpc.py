@@ -107,6 +107,13 @@ def test_a_call_returns_the_endpoints_result(api: Api, topic: str) -> None:
     }
 
 
+def test_a_call_larger_than_a_frame_returns_whole(api: Api, topic: str) -> None:
+    serve(api, topic)
+    client = api.client(api.transport(), Target(topic=topic))
+    value = "".join(chr(0x41 + i % 26) for i in range(300_000))  # five frames of 64 KiB, both ways
+    assert client.call({}, "echo", value=value) == value
+
+
 def test_a_cast_runs_the_endpoint_and_returns_nothing(api: Api, topic: str) -> None:
     endpoint = serve(api, topic)
     client = api.client(api.transport(), Target(topic=topic))

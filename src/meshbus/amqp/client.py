@@ -649,11 +649,13 @@ class ClientConnection:
         lib.pn_link_free(link)
 
     def _on_delivery(self, delivery: CData) -> None:
-        link = lib.pn_delivery_link(delivery)
-        if lib.pn_link_is_sender(link):
+        # Most deliveries here are sends' outcomes: known by their send, without asking proton for the link.
+        item = self._in_flight.get(delivery)
+        link = ffi.NULL if item is not None else lib.pn_delivery_link(delivery)
+        if item is not None or lib.pn_link_is_sender(link):
             if not lib.pn_delivery_updated(delivery) and not lib.pn_delivery_settled(delivery):
                 return
-            item = self._in_flight.pop(delivery, None)
+            self._in_flight.pop(delivery, None)
             lib.pn_delivery_settle(delivery)
             if item is not None:
                 _tell(item.sink, _read_outcome(delivery))
@@ -777,6 +779,10 @@ class _Protocol(asyncio.Protocol):
 
 def _read(link: CData, delivery: CData, buffer: CData) -> bytes:
     """A complete delivery's bytes."""
+    size = lib.pn_delivery_pending(delivery)
+    if size <= _CHUNK:  # the usual case: one copy
+        got = lib.pn_link_recv(link, buffer, size)
+        return ffi.buffer(buffer, got)[:] if got > 0 else b""
     pieces: list[bytes] = []
     while True:
         got = lib.pn_link_recv(link, buffer, _CHUNK)

@@ -1,5 +1,6 @@
-"""Partial scan of an encoded AMQP 1.0 message for the three fields the router reads, and for where its
-message-annotations section lies (`annotations_span`, for the mesh's annotations: see annotations.py).
+"""Partial scans of an encoded AMQP 1.0 message: for the three fields the router reads (`peek`), for where its
+message-annotations section lies (`annotations_span`, for the mesh's annotations: see annotations.py), and
+for the body and ids the messaging library reads (`fields`).
 
 The router forwards encoded messages unchanged; it needs only properties.to (for anonymous-relay links),
 header.ttl and properties.absolute-expiry-time. `peek` walks the sections, skips what it does not need by

@@ -265,3 +265,15 @@ def test_fields_read_past_a_footer() -> None:
     encoded = bytes(Message(body="{}", reply_to="r").encode())
     found = (len(encoded) - 2, len(encoded), None, "r", None)
     assert fields(encoded + bytes(data.encode())) == fields(encoded) == found
+
+
+def test_fields_leave_a_properties_list_shorter_than_its_fields_to_proton() -> None:
+    # A user id holding the bytes of a body section, and a list size that ends the list inside it.
+    data = Data()
+    data.put_object(Described(ulong(0x73), [None, b"\x00\x53\x77\xa1\x02{}"]))
+    encoded = bytes(data.encode())
+    assert fields(encoded) == (-1, -1, None, None, None)
+    list_at = encoded.index(b"\xd0")  # list32: a 4-byte size, then a 4-byte count
+    size = encoded.index(b"\x00\x53\x77") - (list_at + 5)
+    short = encoded[: list_at + 1] + struct.pack(">I", size) + encoded[list_at + 5 :]
+    assert fields(short) is None

@@ -45,7 +45,7 @@ Fields = tuple[int, int, str | None, str | None, str | None]
 
 _HEADER, _DELIVERY_ANNOTATIONS, _MESSAGE_ANNOTATIONS, _PROPERTIES = 0x70, 0x71, 0x72, 0x73
 _DATA, _AMQP_VALUE, _FOOTER = 0x75, 0x77, 0x78
-_PASSED: Final = frozenset({0x70, 0x71, 0x72, 0x74})  # by `fields`, before the body
+_PASSED: Final = frozenset({0x70, 0x71, 0x72, 0x74})  # `fields` skips: header, annotations, app-properties
 _READ: Final = frozenset({_HEADER, _PROPERTIES})
 _SKIPPED: Final = frozenset({0x71, 0x72, 0x74, 0x78})  # annotations, application-properties, footer
 _BODY: Final = frozenset({0x75, 0x76, 0x77})  # data, amqp-sequence, amqp-value
@@ -215,6 +215,8 @@ def fields(buf: bytes) -> Fields | None:
                         else:
                             correlation_id = _text(buf, pos)
                     pos = _skip(buf, pos)
+                if pos > after:  # fields beyond the list's own size
+                    return None
                 pos = after
             elif section in (_AMQP_VALUE, _DATA):
                 body_read = True

@@ -18,7 +18,8 @@ cost here: every helper call or enum member access avoided in the hot loop below
 `fields` is the same kind of scan for the messaging library, which reads from each message it receives only
 its JSON body and its string ids. It handles the shape proton and the oslo.messaging drivers write (one
 body section holding text or binary, ids that are strings or absent) and returns None for any other, and
-for anything malformed, so that the caller decodes those with proton: a fast path, not a second codec.
+for anything malformed in what it reads, so that the caller decodes those with proton: a fast path, not a
+second codec. The sections it does not read it skips by their sizes, as `peek` does.
 Compiled, it costs 0.6 us for a request, where pn_message_decode and the reads after it cost 3.9 us.
 """
 

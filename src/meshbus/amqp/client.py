@@ -649,7 +649,7 @@ class ClientConnection:
         lib.pn_link_free(link)
 
     def _on_delivery(self, delivery: CData) -> None:
-        # Most deliveries here are sends' outcomes: known by their send, without asking proton for the link.
+        # A send's outcome is known by its send, without asking proton for the link (two cffi calls fewer).
         item = self._in_flight.get(delivery)
         link = ffi.NULL if item is not None else lib.pn_delivery_link(delivery)
         if item is not None or lib.pn_link_is_sender(link):

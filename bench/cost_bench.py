@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from messaging_bench import Control, Job, Worker, open_stack, serve, serving
-from router_bench import ROUTER, BenchError, Figure, report, router
+from router_bench import ROUTER, BenchError, Figure, report, router, stop_on_sigterm
 
 FACES = ("blocking", "asyncio")  # paired by default; oslo_meshbus (oslo.messaging with the plugin) on demand
 CHOICES = (*FACES, "oslo_meshbus")
@@ -159,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="times each pairing runs, interleaved")
     parser.add_argument("--router-config", help="the router's configuration file (default: none)")
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     job = Job(args.op, args.concurrency, args.seconds, warmup=1.0)
     clients = [args.client] if args.client else list(FACES)
     servers = [args.server] if args.server else list(FACES)

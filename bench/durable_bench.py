@@ -43,6 +43,7 @@ from router_bench import (
     build_client,
     report,
     running,
+    stop_on_sigterm,
 )
 from store_bench import disk_bytes
 
@@ -258,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments and arguments[0] == "rabbit-consume":
         rabbit_consume(arguments[1], int(arguments[2]))
         return 0
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=200_000, help="sent and consumed per system")
     parser.add_argument("--stored", type=int, default=1_000_000, help="in the store for the recovery figure")

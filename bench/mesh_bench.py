@@ -45,6 +45,7 @@ from router_bench import (
     Figure,
     Settings,
     report,
+    stop_on_sigterm,
 )
 
 SECTIONS = ("throughput", "reroute", "paths", "converge")
@@ -405,6 +406,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
+    stop_on_sigterm()
     print(f"# {shlex.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}", flush=True)
     try:
         if "throughput" in options.sections:

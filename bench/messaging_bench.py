@@ -57,6 +57,7 @@ from router_bench import (
     report,
     router,
     rss_kib,
+    stop_on_sigterm,
 )
 
 PLUGIN_MODULE = "meshbus.oslo.driver"
@@ -819,6 +820,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
+    stop_on_sigterm()
     print(f"# broker/router on cpu {sorted(ROUTER_CPUS)}, servers and clients on cpu {sorted(CLIENT_CPUS)}")
     figures = Figures()
     systems = settings.systems()

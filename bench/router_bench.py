@@ -16,6 +16,7 @@ import os
 import re
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -214,6 +215,22 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise BenchError(f"/proc/{pid}/status has no VmRSS line")
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM end the benchmark as Ctrl-C does, through its `finally` blocks, which stop the routers
+    and brokers it started: by default the signal ends the process at once and leaves them running. A
+    child forked later keeps the default."""
+    parent = os.getpid()
+
+    def terminated(signum: int, frame: object) -> None:
+        if os.getpid() != parent:  # a forked child: end as the signal ends it by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def raise_file_limit(needed: int) -> None:
@@ -429,6 +446,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, bool]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings, direct_only = parse_args(argv)
+    stop_on_sigterm()
     print(f"# router on cpu {sorted(ROUTER_CPUS)}, load clients on cpu {sorted(CLIENT_CPUS)}", flush=True)
     try:
         raise_file_limit(settings.connections * 2 + 256)

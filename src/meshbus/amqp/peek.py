@@ -101,21 +101,7 @@ def peek(buf: bytes) -> Peeked:
             else:
                 pos, section = _descriptor(buf, pos + 1)
             if section in _READ:
-                code = buf[pos]
-                if code == 0x45:  # list0: no fields
-                    if section == _PROPERTIES:
-                        return to, ttl, expiry, _COMPLETE
-                    pos += 1
-                    continue
-                if code == 0xC0:  # list8: size, count
-                    count, end = buf[pos + 2], pos + 2 + buf[pos + 1]
-                    pos += 3
-                elif code == 0xD0:  # list32: size, count
-                    size, count = _LIST32.unpack_from(buf, pos + 1)
-                    end = pos + 5 + size
-                    pos += 9
-                else:
-                    raise _Malformed
+                pos, count, end = _list(buf, pos)
                 if section == _HEADER:
                     if count > 2:  # ttl is field 2, after the fixed-width durable and priority
                         first = _WIDTHS[buf[pos]]
@@ -190,19 +176,7 @@ def fields(buf: bytes) -> Fields | None:
                     return None
                 pos = _skip(buf, pos)
             elif section == _PROPERTIES:
-                code = buf[pos]
-                if code == 0x45:  # list0
-                    pos += 1
-                    continue
-                if code == 0xC0:
-                    count, after = buf[pos + 2], pos + 2 + buf[pos + 1]
-                    pos += 3
-                elif code == 0xD0:
-                    size, count = _LIST32.unpack_from(buf, pos + 1)
-                    after = pos + 5 + size
-                    pos += 9
-                else:
-                    return None
+                pos, count, after = _list(buf, pos)
                 # message-id is field 0, reply-to 4, correlation-id 5.
                 for index in range(count if count < 6 else 6):
                     code = buf[pos]
@@ -260,6 +234,19 @@ def annotations_span(buf: bytes) -> tuple[int, int]:
     except (_Malformed, IndexError, struct.error, UnicodeDecodeError):
         return -1, -1
     return pos, pos
+
+
+def _list(buf: bytes, pos: int) -> tuple[int, int, int]:
+    """(position of its first field, its field count, position after it) of the list at pos."""
+    code = buf[pos]
+    if code == 0x45:  # list0: no fields
+        return pos + 1, 0, pos + 1
+    if code == 0xC0:  # list8: size, count
+        return pos + 3, buf[pos + 2], pos + 2 + buf[pos + 1]
+    if code == 0xD0:  # list32: size, count
+        size, count = _LIST32.unpack_from(buf, pos + 1)
+        return pos + 9, count, pos + 5 + size
+    raise _Malformed
 
 
 def _descriptor(buf: bytes, pos: int) -> tuple[int, int]:

@@ -14,7 +14,8 @@ from proton.utils import BlockingConnection
 
 import meshbus.messaging.transport as transport_module
 from meshbus.messaging import MessageDeliveryFailure, MessagingTimeout, Transport, wire
-from meshbus.messaging.transport import _Backlog, _Posted
+from meshbus.messaging.deadlines import GRANULE, Deadlines
+from meshbus.messaging.transport import _Backlog, _Cast
 from tests.conftest import Router
 from tests.messaging.conftest import WAIT, url_of
 
@@ -37,12 +38,12 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def posted(backlog: _Backlog, count: int, timeout: float = WAIT) -> list[_Posted]:
+def posted(backlog: _Backlog, count: int, timeout: float = WAIT) -> list[_Cast]:
     return [backlog.post("there", timeout) for _ in range(count)]
 
 
 def test_posters_wait_at_the_limit_until_half_is_taken(loop: asyncio.AbstractEventLoop, limit: int) -> None:
-    backlog = _Backlog(loop)
+    backlog = _Backlog(Deadlines(loop))
     sent = posted(backlog, limit - 1)
     assert backlog.room().done()
     sent += posted(backlog, 1)
@@ -55,7 +56,7 @@ def test_posters_wait_at_the_limit_until_half_is_taken(loop: asyncio.AbstractEve
 
 
 def test_empty_once_every_message_is_taken_or_given_up(loop: asyncio.AbstractEventLoop) -> None:
-    backlog = _Backlog(loop)
+    backlog = _Backlog(Deadlines(loop))
     assert backlog.empty().done()
     first, second = posted(backlog, 2)
     empty = backlog.empty()
@@ -66,7 +67,7 @@ def test_empty_once_every_message_is_taken_or_given_up(loop: asyncio.AbstractEve
 
 
 def test_the_first_failure_is_kept_with_a_count_of_the_others(loop: asyncio.AbstractEventLoop) -> None:
-    backlog = _Backlog(loop)
+    backlog = _Backlog(Deadlines(loop))
     for n, sent in enumerate(posted(backlog, 3)):
         sent.set_exception(MessageDeliveryFailure(f"refused {n}"))
         sent.taken()  # an outcome after the end changes nothing
@@ -80,17 +81,17 @@ def test_the_first_failure_is_kept_with_a_count_of_the_others(loop: asyncio.Abst
 
 
 def test_what_is_not_taken_by_its_deadline_is_given_up(loop: asyncio.AbstractEventLoop) -> None:
-    backlog = _Backlog(loop)
-    (soon,), (later,) = posted(backlog, 1, timeout=10.0), posted(backlog, 1, timeout=20.0)
-    backlog.sweep(loop.time() + 15.0)
+    backlog = _Backlog(Deadlines(loop))
+    (soon,), (later,) = posted(backlog, 1, timeout=0.01), posted(backlog, 1, timeout=WAIT)
+    loop.run_until_complete(asyncio.sleep(0.01 + 2 * GRANULE))  # the deadline, and a granule to spare
     assert (soon.done(), later.done()) == (True, False)
     failure = backlog.take_failure()
     assert isinstance(failure, MessagingTimeout)
-    assert str(failure) == "there: not taken within 10.0 s"
+    assert str(failure) == "there: not taken within 0.01 s"
 
 
 def test_a_waiter_that_gave_up_does_not_stop_the_next(loop: asyncio.AbstractEventLoop, limit: int) -> None:
-    backlog = _Backlog(loop)
+    backlog = _Backlog(Deadlines(loop))
     sent = posted(backlog, limit)
     backlog.room().cancel()  # a task waiting for room was cancelled
     backlog.empty().cancel()
@@ -201,3 +202,36 @@ def test_close_drops_what_is_not_taken_in_time_and_says_so(
     closing.close()
     warnings = [r.getMessage() for r in caplog.records if r.name == "meshbus.messaging"]
     assert warnings == ["closing with 1 messages sent in the background not yet taken: they are dropped"]
+
+
+# -- a cast's end, told to whoever waits for it --------------------------------------------------------------
+
+
+def test_a_cast_calls_its_done_callback_once(loop: asyncio.AbstractEventLoop) -> None:
+    told: list[_Cast] = []
+    cast = _Cast(Deadlines(loop), "there", WAIT)
+    cast.add_done_callback(told.append)
+    cast.taken()
+    cast.set_exception(MessageDeliveryFailure("an outcome after the end changes nothing"))
+    assert told == [cast]
+    assert cast.done()
+    cast.result()  # taken: raises nothing
+    cast.add_done_callback(told.append)  # added after the end: called at once
+    assert told == [cast, cast]
+
+
+def test_a_cast_that_ended_before_its_future_was_asked_for(loop: asyncio.AbstractEventLoop) -> None:
+    cast = _Cast(Deadlines(loop), "there", WAIT)
+    refused = MessageDeliveryFailure("refused")
+    cast.set_exception(refused)
+    assert cast.future.exception() is refused
+    with pytest.raises(MessageDeliveryFailure):
+        cast.result()
+
+
+def test_a_cancelled_future_gives_its_cast_up(loop: asyncio.AbstractEventLoop) -> None:
+    cast = _Cast(Deadlines(loop), "there", WAIT)
+    cast.future.cancel()
+    assert cast.done()  # its delivery sends nothing more
+    cast.taken()  # and what comes after changes nothing
+    assert cast.future.cancelled()

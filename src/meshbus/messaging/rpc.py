@@ -37,6 +37,7 @@ from meshbus.messaging.transport import (
     BlockingService,
     Subscription,
     Transport,
+    _Cast,
     take,
 )
 
@@ -190,12 +191,10 @@ class AsyncRPCClient:
             raise wire.deserialize_exception(failure, self.allowed_remote_modules)
         return self.serializer.deserialize_entity(ctxt, body.get("response"))
 
-    def _start_cast(self, ctxt: Any, method: str, kwargs: dict[str, Any]) -> asyncio.Future[Any]:
+    def _start_cast(self, ctxt: Any, method: str, kwargs: dict[str, Any]) -> _Cast:
         address = self.transport.rpc_address(self.target)
         payload = wire.encode_request(address, self._request(ctxt, method, kwargs), self._context(ctxt))
-        return self.transport.start_cast(
-            address, payload, at_least_once=self.at_least_once, timeout=self.timeout, retry=self.retry
-        )
+        return self.transport._start_cast(address, payload, self.at_least_once, self.timeout, self.retry)
 
     def _request(self, ctxt: Any, method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         if self.version_cap is not None and not self.can_send_version():

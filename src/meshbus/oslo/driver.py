@@ -154,15 +154,8 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
 
     def _cast(self, address: str, payload: bytes, retry: int | None) -> None:
         """Send until a consumer takes it (resent if given back), for `send_timeout` at most."""
-        self.transport.wait_for(
-            functools.partial(
-                self.transport.aio.start_cast,
-                address,
-                payload,
-                at_least_once=True,
-                timeout=self.options.send_timeout,
-                retry=_retries(retry),
-            )
+        self.transport.cast(
+            address, payload, at_least_once=True, timeout=self.options.send_timeout, retry=_retries(retry)
         )
 
     # -- listening -------------------------------------------------------------------------------------

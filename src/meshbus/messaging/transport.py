@@ -257,21 +257,28 @@ class _Delivery:
 
 
 class _PendingCall:
-    """A call from its request's first send until its reply (or its error) ends `reply`."""
+    """A call from its request's first send until its reply (or its error) ends `reply`. Its time-out is
+    filed with the transport's `Deadlines`, as a cast's is."""
 
-    __slots__ = ("_expiry", "_watch", "address", "heard", "monitor", "reply", "taken", "timeout")
+    __slots__ = ("_watch", "address", "deadlines", "granule", "heard", "monitor", "reply", "taken", "timeout")
 
     def __init__(
-        self, address: str, timeout: float, monitor: float | None, reply: asyncio.Future[Any]
+        self,
+        deadlines: Deadlines,
+        address: str,
+        timeout: float,
+        monitor: float | None,
+        reply: asyncio.Future[Any],
     ) -> None:
+        self.deadlines = deadlines
         self.address = address
         self.timeout = timeout
         self.monitor = monitor  # call_monitor_timeout: fail once the server that took it is silent this long
         self.reply = reply
         self.taken = False  # the server accepted the request
         self.heard = 0.0  # when the server last showed it works on the call (took it, heartbeat): monotonic
-        self._expiry = reply.get_loop().call_later(timeout, self._expired)
         self._watch: asyncio.TimerHandle | None = None
+        self.granule = deadlines.add(self, timeout)
 
     def on_taken(self) -> None:
         self.taken = True
@@ -279,7 +286,7 @@ class _PendingCall:
             self.heard = time.monotonic()
             self._watch = self.reply.get_loop().call_later(self.monitor, self._check_heard)
 
-    def _expired(self) -> None:
+    def expired(self) -> None:
         if not self.reply.done():
             stage = "no reply" if self.taken else "no server took the request"
             self.reply.set_exception(MessagingTimeout(f"{self.address}: {stage} within {self.timeout} s"))
@@ -298,7 +305,7 @@ class _PendingCall:
             )
 
     def stop(self) -> None:
-        self._expiry.cancel()
+        self.deadlines.discard(self, self.granule)
         if self._watch is not None:
             self._watch.cancel()
 
@@ -535,7 +542,9 @@ class AsyncTransport:
         Cancelling it gives the call up."""
         message_id = f"{self._id_prefix}{next(self._ids)}"
         reply: asyncio.Future[dict[str, Any]] = self.loop.create_future()
-        pending = self._calls[message_id] = _PendingCall(address, timeout, call_monitor_timeout, reply)
+        pending = self._calls[message_id] = _PendingCall(
+            self._deadlines, address, timeout, call_monitor_timeout, reply
+        )
         reply.add_done_callback(functools.partial(self._call_ended, message_id))
 
         def encode(when_ready: Callable[[], None]) -> bytes | None:

@@ -184,7 +184,7 @@ class _Delivery:
         self,
         connection: ClientConnection,
         address: str,
-        encode: Callable[[Callable[[], None]], bytes | None],
+        encode: bytes | Callable[[Callable[[], None]], bytes | None],
         retry: int | None,
         caller: _Caller,
         on_taken: Callable[[], None],
@@ -192,8 +192,8 @@ class _Delivery:
         self.loop = connection.loop
         self.connection = connection
         self.address = address
-        # The bytes of each attempt (a call's reply address changes with a reconnect). None: not yet; it calls
-        # its argument when it can give them.
+        # A cast's bytes; or, for a call, what gives the bytes of each attempt (its reply address changes
+        # with a reconnect): None if not yet, and then it calls its argument when it can give them.
         self.encode = encode
         self.retry = retry
         self.caller = caller
@@ -203,8 +203,9 @@ class _Delivery:
     def send(self) -> None:
         if self.caller.done():
             return
+        encode = self.encode
         try:
-            payload = self.encode(self.send)
+            payload = encode if isinstance(encode, bytes) else encode(self.send)
         except Exception as error:
             self.caller.set_exception(error)
             return
@@ -584,7 +585,7 @@ class AsyncTransport:
 
     def _send_cast(self, cast: _Cast, payload: bytes, at_least_once: bool, retry: int | None) -> None:
         if at_least_once:
-            _Delivery(self.connection, cast.address, lambda _: payload, retry, cast, cast.taken).send()
+            _Delivery(self.connection, cast.address, payload, retry, cast, cast.taken).send()
         else:
             self.connection.send(cast.address, payload, settled=True, outcome=cast)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -91,3 +92,13 @@ def test_later_waits_expire_later(clock: Clock, deadlines: Deadlines) -> None:
     assert expired == [soon]
     clock.advance(4.0)
     assert expired == [soon, late]
+
+
+def test_an_infinite_time_out_never_expires(clock: Clock, deadlines: Deadlines) -> None:
+    expired: list[Wait] = []
+    wait = Wait(expired)
+    deadlines.discard(wait, deadlines.add(wait, math.inf))  # discarding it changes nothing either
+    deadlines.add(wait, math.inf)
+    assert clock.timers == []
+    clock.advance(1e9)
+    assert expired == []

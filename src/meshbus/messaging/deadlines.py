@@ -16,6 +16,8 @@ from typing import Final, Protocol
 
 # Seconds: a time-out fires at most this late.
 GRANULE: Final = 0.05
+# The granule of a wait that never expires: filed nowhere.
+NEVER: Final = -1
 
 
 class Expiring(Protocol):
@@ -32,7 +34,10 @@ class Deadlines:
         self._granules: dict[int, dict[Expiring, None]] = {}
 
     def add(self, wait: Expiring, timeout: float) -> int:
-        """File `wait` to expire `timeout` seconds from now; the granule to discard it from."""
+        """File `wait` to expire `timeout` seconds from now (an infinite time-out: never); the granule to
+        discard it from."""
+        if timeout == math.inf:
+            return NEVER
         granule = math.ceil((self.loop.time() + timeout) / GRANULE)
         waits = self._granules.get(granule)
         if waits is None:

@@ -736,7 +736,7 @@ class ClientConnection:
             link = self._relay
         tag = next(self._tags).to_bytes(8, "little")
         delivery = lib.pn_delivery(link, pn.pn_bytes(tag))
-        lib.pn_link_send(link, item.payload, len(item.payload))  # bytes: cffi passes their buffer, no copy
+        lib.pn_link_send(link, ffi.from_buffer(item.payload), len(item.payload))
         lib.pn_link_advance(link)
         if item.settled:
             lib.pn_delivery_settle(delivery)

@@ -205,7 +205,7 @@ class _Delivery:
             return
         encode = self.encode
         try:
-            payload = encode if isinstance(encode, bytes) else encode(self.send)
+            payload = encode(self.send) if callable(encode) else encode
         except Exception as error:
             self.caller.set_exception(error)
             return

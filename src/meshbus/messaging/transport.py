@@ -397,11 +397,10 @@ class _Backlog:
     """The casts a transport sends in the background: posted at once, taken (or given up) later. Each one
     given up is logged; the first since the last `take_failure()` is kept for it."""
 
-    __slots__ = ("_empty", "_posted", "_room", "deadlines", "dropped", "failed", "first_failure", "loop")
+    __slots__ = ("_empty", "_posted", "_room", "deadlines", "dropped", "failed", "first_failure")
 
     def __init__(self, deadlines: Deadlines) -> None:
-        self.deadlines = deadlines
-        self.loop = deadlines.loop
+        self.deadlines = deadlines  # and, by them, the loop
         self._posted: dict[_Cast, None] = {}  # in the order posted
         self.failed = 0
         self.first_failure: BaseException | None = None
@@ -442,7 +441,7 @@ class _Backlog:
         if self.count < BACKLOG_LIMIT:
             return self._done()
         if self._room is None or self._room.done():  # done: cancelled, by a poster that gave up
-            self._room = self.loop.create_future()
+            self._room = self.deadlines.loop.create_future()
         return self._room
 
     def empty(self) -> asyncio.Future[None]:
@@ -450,7 +449,7 @@ class _Backlog:
         if not self._posted:
             return self._done()
         if self._empty is None or self._empty.done():
-            self._empty = self.loop.create_future()
+            self._empty = self.deadlines.loop.create_future()
         return self._empty
 
     def take_failure(self) -> BaseException | None:
@@ -462,7 +461,7 @@ class _Backlog:
         return failure
 
     def _done(self) -> asyncio.Future[None]:
-        done = self.loop.create_future()
+        done = self.deadlines.loop.create_future()
         done.set_result(None)
         return done
 

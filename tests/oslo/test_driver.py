@@ -196,6 +196,18 @@ def test_the_thread_oslo_polls_the_driver_from_waits_its_turn_when_woken(oslo: O
     assert os.sched_getscheduler(0) == os.SCHED_OTHER, "the caller's thread is the application's"
 
 
+def test_what_a_stopped_server_is_still_sent_goes_to_another_server(oslo: Oslo, topic: str) -> None:
+    transport = oslo.rpc_transport()
+    stopped = oslo.server(transport, rpc_target(topic, "s0"), [Service("s0")])
+    oslo.server(oslo.rpc_transport(), rpc_target(topic, "s1"), [Service("s1")])
+    caller = client(oslo.rpc_transport(), topic, timeout=WAIT)
+    assert {caller.call({}, "echo", text="x")["server"] for _ in range(8)} == {"s0", "s1"}
+
+    stopped.stop()  # its links stay attached until its work is done (wait): what comes meanwhile is released
+
+    assert {caller.call({}, "echo", text="x")["server"] for _ in range(8)} == {"s1"}
+
+
 def test_calls_to_a_topic_are_shared_and_a_named_server_gets_its_own(oslo: Oslo, topic: str) -> None:
     transport = oslo.rpc_transport()
     for name in ("s0", "s1"):

@@ -232,6 +232,22 @@ def test_a_cast_runs_once_on_one_server(oslo: Oslo, topic: str) -> None:
     assert sorted(n for _, n in seen.items) == list(range(10))
 
 
+def test_a_cast_json_cannot_encode_raises_at_the_caller_and_the_transport_goes_on(
+    oslo: Oslo, topic: str
+) -> None:
+    transport = oslo.rpc_transport()
+    seen = Seen()
+    oslo.server(transport, rpc_target(topic, "s0"), [Service("s0", seen)])
+    circular: dict[str, Any] = {}
+    circular["self"] = circular
+
+    with pytest.raises(ValueError, match="Circular reference"):  # encoded on the I/O thread, raised here
+        client(transport, topic).cast({}, "record", n=circular)
+
+    client(transport, topic).cast({}, "record", n=1)
+    assert seen.wait_count(1) == [("s0", 1)]
+
+
 def test_a_fanout_cast_reaches_every_server_once(oslo: Oslo, topic: str) -> None:
     transport = oslo.rpc_transport()
     seen = Seen()

@@ -193,8 +193,10 @@ class AsyncRPCClient:
 
     def _start_cast(self, ctxt: Any, method: str, kwargs: dict[str, Any]) -> _Cast:
         address = self.transport.rpc_address(self.target)
-        payload = wire.encode_request(address, self._request(ctxt, method, kwargs), self._context(ctxt))
-        return self.transport._start_cast(address, payload, self.at_least_once, self.timeout, self.retry)
+        request, context = self._request(ctxt, method, kwargs), self._context(ctxt)
+        return self.transport._start_request_cast(
+            address, request, context, self.at_least_once, self.timeout, self.retry
+        )
 
     def _request(self, ctxt: Any, method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         if self.version_cap is not None and not self.can_send_version():

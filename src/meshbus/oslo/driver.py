@@ -111,7 +111,14 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
             address = self.transport.aio.rpc_address(destination)
             if not wait_for_reply:
                 try:
-                    self._cast(address, wire.encode_request(address, message, ctxt), retry)
+                    self.transport.cast(
+                        address,
+                        message,
+                        ctxt,
+                        at_least_once=True,
+                        timeout=self.options.send_timeout,
+                        retry=_retries(retry),
+                    )
                 except MessageUndeliverable:
                     # As on a broker, a fanout cast nobody listens to is dropped: callers expect no error.
                     if not destination.fanout:
@@ -151,12 +158,6 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
                 timeout=self.options.send_timeout,
                 retry=_retries(retry),
             )
-
-    def _cast(self, address: str, payload: bytes, retry: int | None) -> None:
-        """Send until a consumer takes it (resent if given back), for `send_timeout` at most."""
-        self.transport.cast(
-            address, payload, at_least_once=True, timeout=self.options.send_timeout, retry=_retries(retry)
-        )
 
     # -- listening -------------------------------------------------------------------------------------
 

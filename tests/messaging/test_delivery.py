@@ -208,6 +208,17 @@ def test_a_call_cast_or_notification_nobody_serves_fails_at_once(api: Api, topic
     notifier.flush()
 
 
+def test_calls_go_to_the_servers_still_serving_while_another_stops(api: Api, topic: str) -> None:
+    stopping = api.server(api.transport(), Target(topic=topic, server="a"), [Service("a")])
+    serve(api, topic, "b")
+    client = api.client(api.transport(), Target(topic=topic), timeout=WAIT)
+    assert {client.call({}, "whoami") for _ in range(8)} == {"a", "b"}
+
+    stopping.stop()  # not waited for: its links stay attached, their credit drained
+
+    assert [client.call({}, "whoami") for _ in range(4)] == ["b"] * 4
+
+
 def test_a_call_fails_at_once_after_its_server_stopped(api: Api, topic: str) -> None:
     transport = api.transport()
     server = api.server(transport, Target(topic=topic, server="s"), [Service()])

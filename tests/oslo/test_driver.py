@@ -203,7 +203,7 @@ def test_what_a_stopped_server_is_still_sent_goes_to_another_server(oslo: Oslo, 
     caller = client(oslo.rpc_transport(), topic, timeout=WAIT)
     assert {caller.call({}, "echo", text="x")["server"] for _ in range(8)} == {"s0", "s1"}
 
-    stopped.stop()  # its links stay attached until its work is done (wait): what comes meanwhile is released
+    stopped.stop()  # its links stay attached until its work is done (wait), their credit drained
 
     assert {caller.call({}, "echo", text="x")["server"] for _ in range(8)} == {"s1"}
 

@@ -112,16 +112,23 @@ def test_balanced_picks_the_consumer_with_fewest_unsettled(router):
         assert router.edge.receivers(router.send(producer)) == [freed]
 
 
-def test_balanced_counts_queued_deliveries_as_load(router):
-    slow = router.consumer("work")  # no credit: what it is given waits in its queue
-    fast = router.consumer("work", credit=10)
+def test_balanced_passes_over_a_consumer_without_credit_while_another_can_take(router):
+    stopping = router.consumer("work")  # no credit (a stopped server drained it), nothing unsettled
+    ready = router.consumer("work", credit=10)
     producer = router.producer("work")
     for _ in range(4):
         delivery = router.send(producer)
-        if router.edge.receivers(delivery) == [fast]:
-            router.settle(fast, delivery)  # the fast one has nothing unsettled between sends
-    assert len(slow.queue) == 1
-    assert len(router.edge.sent_to(fast)) == 3
+        assert router.edge.receivers(delivery) == [ready]
+        router.settle(ready, delivery)  # both are idle again: a tie but for the credit
+    assert not stopping.queue
+
+
+def test_balanced_counts_queued_deliveries_as_load_when_no_consumer_can_take(router):
+    first, second = router.consumer("work"), router.consumer("work")  # no credit: deliveries wait in queues
+    producer = router.producer("work")
+    for _ in range(4):
+        router.send(producer)
+    assert (len(first.queue), len(second.queue)) == (2, 2)
 
 
 def test_balanced_ties_rotate(router):

@@ -235,6 +235,15 @@ def test_balanced_weighs_local_unsettled_against_a_routers_unsettled_plus_cost(a
     assert order == [[local], [local], [to_b], [local], [to_b]]
 
 
+def test_balanced_sends_to_a_router_what_no_consumer_here_can_take_now(a):
+    stopping = a.consumer("work")  # no credit and nothing unsettled: it would win on load alone
+    a.core.remote_changed("work", frozenset({"B"}))
+    producer = a.producer("work")
+    to_b = link_to(a, "B")
+    assert [a.edge.receivers(a.send(producer)) for _ in range(2)] == [[to_b], [to_b]]
+    assert not stopping.queue
+
+
 def test_balanced_counts_deliveries_toward_a_router_until_their_outcome_settles(a):
     a.core.remote_changed("work", frozenset({"D"}))
     entry = a.core.entries["work"]

@@ -366,6 +366,11 @@ class _Listener(base.PollStyleListener):  # type: ignore[misc]  # oslo is untype
 
     def stop(self) -> None:
         self._inbox.stop()
+        if not self.driver.closed:
+            # The links' credit is drained, as meshbus.messaging's servers do: the router offers this server
+            # nothing more, instead of each message being released and sent again. What is in work is still
+            # settled until `cleanup`.
+            self.driver.transport.run(self._subscriptions.stop())
 
     def cleanup(self) -> None:
         """Give back what was never polled and close the subscriptions (oslo calls this once the server's

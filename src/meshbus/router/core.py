@@ -17,8 +17,9 @@ Rules of this module:
 6. Mesh: other routers are reached through router links (one outgoing data link per neighbour, a
    ConsumerLink with `router` set). The mesh tells the core which other routers have consumers per address
    (`remote_changed`) and the paths (`set_routes`). Closest prefers a local consumer, then the lowest-cost
-   router; balanced weighs local consumers' unsettled deliveries against each router's unsettled plus path
-   cost; multicast copies to local consumers and down the source's tree. A delivery records where it
+   router; balanced weighs local consumers' unsettled and queued deliveries (those with credit first)
+   against each router's unsettled plus path cost, and sends elsewhere what no consumer here can take now;
+   multicast copies to local consumers and down the source's tree. A delivery records where it
    entered the mesh (`ingress`) and the routers it passed (`trace`): it is never sent to a router in its
    trace, and goes no further than MAX_HOPS routers. Dynamic addresses name their router
    (`_dynamic/<router id>/...`) and are reached through it. Pools are honoured among one router's consumers;
@@ -811,9 +812,9 @@ class RouterCore:
             if group is None:  # local pools: a copy for each, and one more for the consumers elsewhere
                 delivery.unicast = False
                 targets += [self._choose(pool, distribution) for pool in entry.pools]
-            elif entry.consumers:  # balanced: a consumer here if it is as lightly loaded
+            elif entry.consumers:  # balanced: a consumer here if it is as lightly loaded and can take it now
                 mine = self._choose(group, distribution)
-                if best is None or mine.load <= best[1]:
+                if best is None or (mine.load <= best[1] and mine.can_take()):
                     best = None
                     targets.append(mine)
             if best is not None:
@@ -889,11 +890,15 @@ class RouterCore:
             return consumers[0]
         start = group.rotation = (group.rotation + 1) % count
         if distribution is Distribution.BALANCED:
+            # The least loaded of those able to take it now, else of all. A consumer without credit (a server
+            # that is stopping has drained its links) would otherwise win ties and keep the delivery waiting.
             best = consumers[start]
+            ready = best.can_take()
             for i in range(1, count):
                 candidate = consumers[(start + i) % count]
-                if candidate.load < best.load:
-                    best = candidate
+                candidate_ready = candidate.can_take()
+                if candidate_ready > ready or (candidate_ready == ready and candidate.load < best.load):
+                    best, ready = candidate, candidate_ready
             return best
         # closest: every local consumer is equally close; take turns among those able to take it now
         for i in range(count):

@@ -20,6 +20,7 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
@@ -366,10 +367,10 @@ class _Listener(base.PollStyleListener):  # type: ignore[misc]  # oslo is untype
 
     def stop(self) -> None:
         self._inbox.stop()
-        if not self.driver.closed:
-            # The links' credit is drained, as meshbus.messaging's servers do: the router offers this server
-            # nothing more, instead of each message being released and sent again. What is in work is still
-            # settled until `cleanup`.
+        # The links' credit is drained, as meshbus.messaging's servers do: the router offers this server
+        # nothing more, instead of each message being released and sent again. What is in work is still
+        # settled until `cleanup`. (A driver cleaned up meanwhile has no links left to drain.)
+        with contextlib.suppress(MessagingError):
             self.driver.transport.run(self._subscriptions.stop())
 
     def cleanup(self) -> None:

@@ -123,6 +123,22 @@ def test_balanced_passes_over_a_consumer_without_credit_while_another_can_take(r
     assert not stopping.queue
 
 
+def test_what_waits_for_a_consumer_that_drains_goes_to_the_others_that_do_not(router):
+    stopping = router.consumer("work", credit=1)
+    producer = router.producer("work")
+    first, *waiting = [router.send(producer) for _ in range(3)]  # one sent, two wait for credit
+    ready, paused = router.consumer("work"), router.consumer("work")
+    router.credit(paused, 0, drain=True)
+    router.credit(stopping, 0, drain=True)  # a server that stops: it takes nothing more
+    assert not stopping.queue and not paused.queue
+    assert list(ready.queue) == waiting  # no credit yet: they wait there, the least loaded not draining
+    router.credit(ready, 5)
+    assert router.edge.sent_to(ready) == waiting
+    assert router.edge.sent_to(stopping) == [first]  # what it took, it still settles
+    router.settle(stopping, first)
+    assert router.edge.outcome(first) == ACCEPTED
+
+
 def test_balanced_counts_queued_deliveries_as_load_when_no_consumer_can_take(router):
     first, second = router.consumer("work"), router.consumer("work")  # no credit: deliveries wait in queues
     producer = router.producer("work")

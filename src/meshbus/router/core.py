@@ -18,7 +18,8 @@ Rules of this module:
    ConsumerLink with `router` set). The mesh tells the core which other routers have consumers per address
    (`remote_changed`) and the paths (`set_routes`). Closest prefers a local consumer, then the lowest-cost
    router; balanced weighs local consumers' unsettled and queued deliveries (those with credit first)
-   against each router's unsettled plus path cost, and sends elsewhere what no consumer here can take now;
+   against each router's unsettled plus path cost, and sends elsewhere what no consumer here can take now.
+   What waits for a consumer that drains its credit goes to the others of its group (`_hand_on`);
    multicast copies to local consumers and down the source's tree. A delivery records where it
    entered the mesh (`ingress`) and the routers it passed (`trace`): it is never sent to a router in its
    trace, and goes no further than MAX_HOPS routers. Dynamic addresses name their router
@@ -665,6 +666,36 @@ class RouterCore:
         link.credit = credit
         link.drain = drain
         self._pump(link, now)
+        if (
+            drain
+            and link.queue
+            and link.router is None
+            and link.entry.distribution is not Distribution.MULTICAST
+        ):
+            self._hand_on(link, now)
+
+    def _hand_on(self, link: ConsumerLink, now: float) -> None:
+        """A consumer drained its credit with deliveries still waiting for it (a server that stops does, and
+        may work a long time before it detaches): they go to the other consumers of its group that are not
+        draining too, those able to take them now first, then the least loaded. A multicast copy is this
+        consumer's own; a router link never drains."""
+        entry = link.entry
+        group = entry.group
+        if group is None:
+            (group,) = [pool for pool in entry.pools if pool.pool == link.pool]
+        others = [consumer for consumer in group.consumers if consumer is not link and not consumer.drain]
+        if not others:
+            return
+        waiting, link.queue = link.queue, deque()
+        self._expiring.discard(link)
+        for delivery in waiting:  # (an aborted delivery was taken out of every queue: none is here)
+            delivery.queued -= 1
+            if delivery.deadline is not None and delivery.deadline <= now:
+                self._expire_copy(delivery)
+            else:
+                self._offer(min(others, key=lambda other: (not other.can_take(), other.load)), delivery)
+            if not delivery.queued:
+                self._move_on(delivery)
 
     def unblock(self, link: ConsumerLink, now: float) -> None:
         link.blocked = False

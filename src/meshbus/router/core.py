@@ -43,7 +43,7 @@ Rules of this module:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Protocol
 from urllib.parse import quote, unquote
@@ -623,24 +623,14 @@ class RouterCore:
         # Where its queued deliveries may go instead (on a multicast address, the others have their copies).
         multicast = entry.distribution is Distribution.MULTICAST
         mates = None if multicast else self._leave_group(entry, link)
-        self._expiring.discard(link)
         # Sent but unsettled: the outcome is unknown, so the producer is told to resend.
         for delivery in list(link.inflight.values()):
             self._copy_settled(delivery, CONSUMER_LOST)
         link.inflight.clear()
         # A delivery still streaming to it is among the unsettled ones above (or was pre-settled).
         link.streaming = None
-        queued, link.queue = link.queue, deque()
-        for delivery in queued:
-            delivery.queued -= 1
-            if delivery.deadline is not None and delivery.deadline <= now:
-                self._expire_copy(delivery)
-            elif mates is not None and not delivery.aborted:
-                self._offer(self._choose(mates, entry.distribution), delivery)
-            else:
-                self._copy_settled(delivery, RELEASED)
-            if not delivery.queued:
-                self._move_on(delivery)
+        distribution = entry.distribution
+        self._pass_on(link, now, None if mates is None else lambda: self._choose(mates, distribution))
         if not entry.consumers and link.router is None:
             self._lost_consumers(entry, local=True)
         self._forget_if_unused(entry)
@@ -684,16 +674,24 @@ class RouterCore:
         if group is None:
             (group,) = [pool for pool in entry.pools if pool.pool == link.pool]
         others = [consumer for consumer in group.consumers if consumer is not link and not consumer.drain]
-        if not others:
-            return
-        waiting, link.queue = link.queue, deque()
+        if others:
+            self._pass_on(
+                link, now, lambda: min(others, key=lambda other: (not other.can_take(), other.load))
+            )
+
+    def _pass_on(self, link: ConsumerLink, now: float, taker: Callable[[], ConsumerLink] | None) -> None:
+        """Empty the consumer's queue: each delivery expires, or is offered to `taker()`, or (no taker, or
+        its producer aborted it) is released."""
+        queued, link.queue = link.queue, deque()
         self._expiring.discard(link)
-        for delivery in waiting:  # (an aborted delivery was taken out of every queue: none is here)
+        for delivery in queued:
             delivery.queued -= 1
             if delivery.deadline is not None and delivery.deadline <= now:
                 self._expire_copy(delivery)
+            elif taker is not None and not delivery.aborted:
+                self._offer(taker(), delivery)
             else:
-                self._offer(min(others, key=lambda other: (not other.can_take(), other.load)), delivery)
+                self._copy_settled(delivery, RELEASED)
             if not delivery.queued:
                 self._move_on(delivery)
 

@@ -42,9 +42,11 @@ RPC_ADDRESS = "bench/rpc"
 LISTENING = re.compile(r"listening on (\S+:\d+)")
 # The router runs on one core of its own and the load clients on the others, as the peers' figures were
 # measured ("at one core"); without that, figures swing by a third as the scheduler mixes them.
+# MESHBUS_BENCH_UNPINNED=1 leaves every process on every CPU, to check that a ratio is not the placement's.
 CPUS = sorted(os.sched_getaffinity(0))
-ROUTER_CPUS = set(CPUS[-1:])
-CLIENT_CPUS = set(CPUS[:-1]) or ROUTER_CPUS
+UNPINNED = os.environ.get("MESHBUS_BENCH_UNPINNED") == "1"
+ROUTER_CPUS = set(CPUS) if UNPINNED else set(CPUS[-1:])
+CLIENT_CPUS = set(CPUS) if UNPINNED else set(CPUS[:-1]) or ROUTER_CPUS
 
 
 class BenchError(Exception):

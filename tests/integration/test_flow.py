@@ -149,6 +149,52 @@ def test_drain_with_messages_queued_delivers_them_then_spends_the_rest(default_r
     assert client.credit_after_drain == 0
 
 
+class HandOn(Client):
+    """Two consumers of one address, both without credit, and a producer, on one connection: the producer's
+    messages wait in the router, for either consumer. Then `leaving` drains (as a server that stops) and
+    `staying` grants credit: two flow frames, in that order."""
+
+    def __init__(self, url: str, address: str, count: int) -> None:
+        super().__init__(url, prefetch=0)
+        self.address = address
+        self.count = count
+        self.sent = False
+        self.received: dict[str, list[object]] = {"leaving": [], "staying": []}
+        self.accepted = 0
+
+    def begin(self) -> None:
+        connection = self.connect()
+        self.leaving = self.container.create_receiver(connection, self.address, name="leaving")
+        self.staying = self.container.create_receiver(connection, self.address, name="staying")
+        self.sender = self.container.create_sender(connection, self.address, name="producer")
+
+    def on_sendable(self, event: Event) -> None:
+        if not self.sent:
+            self.sent = True
+            for message in numbered("waiting", self.count):
+                self.sender.send(message)
+            # Written before the flow frames: same connection, in order.
+            self.later(0.1, self.drain_one_credit_the_other)
+
+    def drain_one_credit_the_other(self) -> None:
+        self.leaving.drain(0)
+        self.staying.flow(self.count)
+
+    def on_message(self, event: Event) -> None:
+        self.received[the(event.link).name].append(event.message.body)
+
+    def on_accepted(self, event: Event) -> None:
+        self.accepted += 1
+        if self.accepted == self.count:
+            self.done()
+
+
+def test_what_waits_for_a_consumer_that_drains_goes_to_one_that_does_not(default_router: Router) -> None:
+    client = run(HandOn(default_router.url, unique("test/hand-on"), count=4))
+    assert client.received["leaving"] == []
+    assert sorted(map(str, client.received["staying"])) == [f"waiting-{n}" for n in range(4)]
+
+
 def test_a_message_already_expired_is_not_delivered_and_comes_back_undeliverable(
     default_router: Router,
 ) -> None:

@@ -6,6 +6,8 @@
    (issue 6) in a directory of the test's own (`Router.state`) unless its configuration says otherwise.
 2. `default_router` is one router shared by the whole session, for tests that need no special configuration.
 3. When a test fails, the log lines each of its routers wrote during the test are added to the report.
+4. `rhea_peer(mode, url, **args)` starts a rhea client (tests/rhea.py), for the interop tests wherever they
+   need one; a test using it skips, saying why, where Node.js, npm or the npm registry is missing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+
+from tests import rhea
+from tests.json_peers import Start
 
 START_TIMEOUT = 15.0  # seconds for a router to start listening
 STOP_TIMEOUT = 10.0  # seconds for a router to exit after SIGTERM
@@ -215,3 +220,10 @@ def default_router(request: pytest.FixtureRequest, _shared_router: Router) -> Ro
     assert _shared_router.process.poll() is None, f"the shared router died:\n{_shared_router.log()}"
     _watch(request, _shared_router, _shared_router.mark())
     return _shared_router
+
+
+@pytest.fixture
+def rhea_peer() -> Iterator[Start]:
+    rhea.require_node()
+    with rhea.peers() as start:
+        yield start

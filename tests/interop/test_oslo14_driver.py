@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from tests import oslo14
+from tests import cached, oslo14
 from tests.conftest import Router
 from tests.oslo14 import PRIORITIES, Peer, Start, notify_every_priority, printed, url
 
 # The first test may make the virtualenv: pip on a cold cache takes a minute or more.
-pytestmark = pytest.mark.timeout(oslo14.INSTALL_TIMEOUT + 60)
+pytestmark = pytest.mark.timeout(cached.INSTALL_TIMEOUT + 60)
 
 
 @pytest.fixture

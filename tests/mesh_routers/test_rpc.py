@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 
 from meshbus.messaging import MessageUndeliverable, RPCClient, RPCServer, Target, Transport
+from tests.json_peers import Start, printed
 from tests.mesh_routers.conftest import Mesh, Recorder, answered, url_of
 
 CALLS = 50
@@ -56,3 +57,16 @@ def test_a_client_on_one_end_calls_a_server_on_the_other_both_ways_and_nobody_fa
             server.wait()
         for transport in transports.values():
             transport.close()
+
+
+def test_a_rhea_client_on_one_end_calls_a_rhea_server_on_the_other(line: Mesh, rhea_peer: Start) -> None:
+    """Standard clients need nothing of the mesh: the caller's sender gets credit once the server's address
+    has reached its router, and the replies find the caller's dynamic address by its router's id."""
+    address = f"rhea/line-{uuid.uuid4().hex[:8]}"
+    server = rhea_peer("serve", line["C"].url, address=address)
+    printed(server, ready=True)
+    requests = [f"request-{n}" for n in range(CALLS)]
+    caller = rhea_peer("call", line["A"].url, address=address, requests=requests)
+    replies = sorted((reply["correlation_id"], reply["reply"]["echo"]) for reply in caller.finish())
+    assert replies == list(enumerate(requests))
+    server.finish()

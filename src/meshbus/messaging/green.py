@@ -50,6 +50,13 @@ def _real_threading() -> ModuleType:
     return module
 
 
+def shared_lock() -> threading.Lock:
+    """A lock that OS threads and green threads share (rule 3): a real one, even where eventlet patched
+    threading. Hold it briefly, never across anything that may switch green threads."""
+    lock: threading.Lock = _real_threading().Lock()
+    return lock
+
+
 def yield_on_wakeup() -> None:
     """Make the calling thread one that, when woken, waits for its turn on the core instead of preempting the
     thread that woke it (Linux SCHED_BATCH; elsewhere nothing).
@@ -66,19 +73,28 @@ class Wakeup:
     """An eventfd through which threads wake the one thread that waits on it: `wake()` and `wait()` release
     the GIL, unlike a lock's release. A thread woken by a lock's release preempts its waker (on the same
     core) while the waker still holds the GIL, so it blocks again at once: two context switches for nothing.
-    `for_loop=True`: an event loop watches `fd` and calls `clear()` instead of waiting."""
+    `for_loop=True`: an event loop watches `fd` and calls `clear()` instead of waiting. Made where eventlet
+    has patched threading, its waiter is a green thread, which waits through its hub (rule 3)."""
 
-    __slots__ = ("fd",)
+    __slots__ = ("_green", "fd")
 
     def __init__(self, *, for_loop: bool = False) -> None:
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | (os.EFD_NONBLOCK if for_loop else 0))
+        self._green = not for_loop and active()
 
     def wake(self) -> None:
         os.eventfd_write(self.fd, 1)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until woken (True) or `timeout` seconds have passed (False); a wake not yet waited for counts."""
-        if timeout is not None and not select.select([self.fd], [], [], max(timeout, 0.0))[0]:
+        if self._green:
+            from eventlet.hubs import trampoline
+
+            try:  # eventfd_read alone would block the OS thread, and every green thread with it
+                trampoline(self.fd, read=True, timeout=timeout, timeout_exc=TimeoutError)
+            except TimeoutError:
+                return False
+        elif timeout is not None and not select.select([self.fd], [], [], max(timeout, 0.0))[0]:
             return False
         os.eventfd_read(self.fd)
         return True
@@ -244,7 +260,7 @@ class Workers(concurrent.futures.Executor):
             queue.SimpleQueue()
         )
         self._threads: list[threading.Thread] = []
-        self._starting = _real_threading().Lock()
+        self._starting = shared_lock()
         self._closed = False
 
     def run(self, fn: Callable[..., object], /, *args: Any) -> None:

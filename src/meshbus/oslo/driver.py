@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -262,12 +261,13 @@ def _call_soon(transport: Transport, callback: Callable[..., None], *args: Any) 
 
 class _Inbox:
     """Messages handed from the I/O thread (`put`) to oslo's polling thread (`take`, one thread at a time),
-    woken through a `Wakeup` (not a condition: see green.Wakeup)."""
+    woken through a `Wakeup` (not a condition: see green.Wakeup). Under eventlet, the polling thread is a
+    green one: it waits through its hub, and shares only a real lock with the I/O thread (see green.py)."""
 
     def __init__(self) -> None:
         self._items: deque[Any] = deque()
         self._wakeup = green.Wakeup()
-        self._lock = threading.Lock()  # an item is either put before `stop` or refused
+        self._lock = green.shared_lock()  # an item is either put before `stop` or refused
         self.stopped = False
 
     def put(self, item: Any) -> bool:

@@ -1,0 +1,141 @@
+"""An oslo.messaging 18 service on eventlet, as most OpenStack services still run: monkey-patched before
+anything else is imported, so oslo picks its `eventlet` executor, with `transport_url = meshbus://...`.
+
+Run by test_eventlet.py as `python eventlet_peer.py URL`: an RPC server, green threads calling it all at once
+through one transport, casts, a fanout cast, notifications to a listener pool, then the server stopped while
+a call is in progress. It prints one JSON object with what it saw (the test asserts on it).
+"""
+
+from __future__ import annotations
+
+import eventlet
+
+eventlet.monkey_patch()
+
+import faulthandler  # noqa: E402  (after monkey-patching, as a service on eventlet imports)
+import json  # noqa: E402
+import sys  # noqa: E402
+import uuid  # noqa: E402
+import warnings  # noqa: E402
+from typing import Any  # noqa: E402
+
+import oslo_messaging  # noqa: E402
+from eventlet import patcher  # noqa: E402
+from oslo_config import cfg  # noqa: E402
+from oslo_messaging._metrics import client as metrics  # noqa: E402
+from oslo_messaging._tracing import client as tracing  # noqa: E402
+
+CALLERS = 20  # green threads calling at once
+WAIT = 15.0  # seconds anything here may take; the test's subprocess time-out is longer
+
+real_threading = patcher.original("threading")
+MAIN_THREAD = real_threading.get_ident()
+
+
+class Endpoint:
+    def __init__(self) -> None:
+        self.arrived = 0
+        self.everyone_in = eventlet.event.Event()  # a green primitive shared by the endpoint's calls
+        self.os_threads: set[int] = set()
+        self.casts: list[int] = []
+        self.notified: list[tuple[str, int]] = []
+        self.slow_started = 0
+
+    def gather(self, ctxt: dict[str, Any], number: int) -> int:
+        """Returns only once CALLERS calls are in progress at once: green threads serve them concurrently."""
+        self.os_threads.add(real_threading.get_ident())
+        self.arrived += 1
+        if self.arrived == CALLERS:
+            self.everyone_in.send(True)
+        with eventlet.Timeout(WAIT):
+            self.everyone_in.wait()
+        return number * 2
+
+    def slow(self, ctxt: dict[str, Any], seconds: float) -> str:
+        self.slow_started += 1
+        eventlet.sleep(seconds)
+        return "slept"
+
+    def note(self, ctxt: dict[str, Any], number: int) -> None:
+        self.casts.append(number)
+
+    def info(self, ctxt: Any, publisher_id: str, event_type: str, payload: int, metadata: Any) -> None:
+        self.notified.append((event_type, payload))
+
+
+def configuration() -> cfg.ConfigOpts:
+    conf = cfg.ConfigOpts()
+    conf.register_opts(metrics.oslo_messaging_metrics, group="oslo_messaging_metrics")
+    conf.register_opts(tracing.oslo_messaging_tracing, group="oslo_messaging_tracing")
+    conf([])
+    return conf
+
+
+def wait_until(ready: Any) -> None:
+    with eventlet.Timeout(WAIT):
+        while not ready():
+            eventlet.sleep(0.01)
+
+
+def main(url: str) -> None:
+    topic = f"oslo-eventlet-{uuid.uuid4().hex[:8]}"
+    ticks = [0]
+
+    def ticker() -> None:
+        while True:
+            ticks[0] += 1
+            eventlet.sleep(0.01)
+
+    eventlet.spawn_n(ticker)
+    conf = configuration()
+    transport = oslo_messaging.get_rpc_transport(conf, url)
+    endpoint = Endpoint()
+    target = oslo_messaging.Target(topic=topic, server="peer")
+    server = oslo_messaging.get_rpc_server(transport, target, [endpoint])  # executor: oslo picks eventlet
+    report: dict[str, Any] = {"executor": server.executor_type}
+    server.start()
+    client = oslo_messaging.get_rpc_client(transport, oslo_messaging.Target(topic=topic), timeout=WAIT)
+
+    pool = eventlet.GreenPool(CALLERS)
+    report["gathered"] = sorted(pool.imap(lambda n: client.call({}, "gather", number=n), range(CALLERS)))
+    report["endpoint_os_threads"] = [thread == MAIN_THREAD for thread in endpoint.os_threads]
+
+    before = ticks[0]
+    report["slow"] = client.call({}, "slow", seconds=0.3)
+    report["ticked_during_call"] = ticks[0] > before
+
+    for number in range(5):
+        client.cast({}, "note", number=number)
+    client.prepare(fanout=True).cast({}, "note", number=5)
+    wait_until(lambda: len(endpoint.casts) >= 6)
+    report["casts"] = sorted(endpoint.casts)
+
+    notify_transport = oslo_messaging.get_notification_transport(conf, url)
+    listener = oslo_messaging.get_notification_listener(
+        notify_transport, [oslo_messaging.Target(topic=topic)], [endpoint], pool="pool"
+    )
+    listener.start()
+    notifier = oslo_messaging.Notifier(notify_transport, "peer", driver="messaging", topics=[topic])
+    for number in range(3):
+        notifier.info({}, "peer.event", number)
+    wait_until(lambda: len(endpoint.notified) >= 3)
+    report["notified"] = sorted(endpoint.notified)
+
+    # Stopped while a call is in progress: wait() lets it finish, and its caller gets the answer.
+    slow = eventlet.spawn(client.call, {}, "slow", seconds=0.3)
+    wait_until(lambda: endpoint.slow_started == 2)
+    server.stop()
+    server.wait()
+    report["answered_while_stopping"] = slow.wait()
+
+    listener.stop()
+    listener.wait()
+    notify_transport.cleanup()
+    transport.cleanup()
+    print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("ignore")  # eventlet's and oslo's deprecation warnings
+    faulthandler.dump_traceback_later(3 * WAIT, exit=True)  # a hang: the stacks on stderr, and out
+    main(sys.argv[1])

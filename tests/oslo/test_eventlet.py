@@ -1,0 +1,39 @@
+"""The plugin in an oslo.messaging service on eventlet (eventlet_peer.py, in a subprocess: patching this test
+process would change every other test's threads): oslo picks its eventlet executor, and its polling thread is
+a green thread of the service's one OS thread."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import Router
+
+PEER = Path(__file__).with_name("eventlet_peer.py")
+PEER_TIMEOUT = 60.0  # seconds; the peer exits by itself before, with its threads' stacks, if it hangs
+
+
+def test_an_oslo_service_on_eventlet_calls_casts_and_notifies_through_the_plugin(
+    default_router: Router,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, str(PEER), f"meshbus://{default_router.host}:{default_router.port}/"],
+        capture_output=True,
+        text=True,
+        timeout=PEER_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["executor"] == "eventlet"
+    # Twenty calls in progress at once, each answered only once all twenty had arrived: the polling thread and
+    # the callers waited without blocking the hub, and the endpoints ran as green threads of the main thread.
+    assert report["gathered"] == [number * 2 for number in range(20)]
+    assert report["endpoint_os_threads"] == [True]
+    assert report["slow"] == "slept"
+    assert report["ticked_during_call"] is True
+    assert report["casts"] == [0, 1, 2, 3, 4, 5]
+    assert report["notified"] == [["peer.event", 0], ["peer.event", 1], ["peer.event", 2]]
+    assert report["answered_while_stopping"] == "slept"

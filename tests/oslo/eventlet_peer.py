@@ -2,8 +2,9 @@
 anything else is imported, so oslo picks its `eventlet` executor, with `transport_url = meshbus://...`.
 
 Run by test_eventlet.py as `python eventlet_peer.py URL`: an RPC server, green threads calling it all at once
-through one transport, casts, a fanout cast, notifications to a listener pool, then the server stopped while
-a call is in progress. It prints one JSON object with what it saw (the test asserts on it).
+through one transport, a call that lives on heartbeats, casts, a fanout cast, notifications to a listener pool
+and to a batch listener (a partial batch after its time-out), then the server stopped while a call is in
+progress. It prints one JSON object with what it saw (the test asserts on it).
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ class Endpoint:
         self.notified.append((event_type, payload))
 
 
+class Batches:
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def info(self, messages: list[dict[str, Any]]) -> None:
+        self.batches.append([message["payload"] for message in messages])
+
+
 def configuration() -> cfg.ConfigOpts:
     conf = cfg.ConfigOpts()
     conf.register_opts(metrics.oslo_messaging_metrics, group="oslo_messaging_metrics")
@@ -103,6 +112,8 @@ def main(url: str) -> None:
     before = ticks[0]
     report["slow"] = client.call({}, "slow", seconds=0.3)
     report["ticked_during_call"] = ticks[0] > before
+    # Longer than the monitor's time-out: only the server's heartbeats (a green thread's) keep it alive.
+    report["monitored"] = client.prepare(call_monitor_timeout=2).call({}, "slow", seconds=3.0)
 
     for number in range(5):
         client.cast({}, "note", number=number)
@@ -121,15 +132,33 @@ def main(url: str) -> None:
     wait_until(lambda: len(endpoint.notified) >= 3)
     report["notified"] = sorted(endpoint.notified)
 
+    batches = Batches()
+    batch_listener = oslo_messaging.get_batch_notification_listener(
+        notify_transport,
+        [oslo_messaging.Target(topic=f"{topic}-batch")],
+        [batches],
+        batch_size=5,
+        batch_timeout=0.2,
+    )
+    batch_listener.start()
+    batch_notifier = oslo_messaging.Notifier(
+        notify_transport, "peer", driver="messaging", topics=[f"{topic}-batch"]
+    )
+    for number in range(2):
+        batch_notifier.info({}, "peer.batch", number)
+    wait_until(lambda: batches.batches)
+    report["batches"] = batches.batches
+
     # Stopped while a call is in progress: wait() lets it finish, and its caller gets the answer.
     slow = eventlet.spawn(client.call, {}, "slow", seconds=0.3)
-    wait_until(lambda: endpoint.slow_started == 2)
+    wait_until(lambda: endpoint.slow_started == 3)
     server.stop()
     server.wait()
     report["answered_while_stopping"] = slow.wait()
 
-    listener.stop()
-    listener.wait()
+    for stopping in (listener, batch_listener):
+        stopping.stop()
+        stopping.wait()
     notify_transport.cleanup()
     transport.cleanup()
     print(json.dumps(report), flush=True)

@@ -34,6 +34,8 @@ def test_an_oslo_service_on_eventlet_calls_casts_and_notifies_through_the_plugin
     assert report["endpoint_os_threads"] == [True]
     assert report["slow"] == "slept"
     assert report["ticked_during_call"] is True
+    assert report["monitored"] == "slept"
     assert report["casts"] == [0, 1, 2, 3, 4, 5]
     assert report["notified"] == [["peer.event", 0], ["peer.event", 1], ["peer.event", 2]]
+    assert report["batches"] == [[0, 1]]  # batch_size 5: what came, once batch_timeout had passed
     assert report["answered_while_stopping"] == "slept"

@@ -27,7 +27,8 @@ from oslo_messaging.rpc import dispatcher
 
 import meshbus.messaging as mb
 from meshbus.users import add_user
-from tests.conftest import Router
+from tests.conftest import Router, StartRouter
+from tests.messaging.peers import free_port
 
 WAIT = 10.0  # seconds a test waits for something that should happen at once
 PRIORITIES = ["audit", "debug", "info", "warn", "error", "critical", "sample"]
@@ -376,6 +377,39 @@ def test_the_transport_fails_over_to_the_next_host(oslo: Oslo, topic: str, defau
     oslo.server(transport, rpc_target(topic, "s0"), [Service("s0")])
 
     assert client(transport, topic).call({}, "echo", text="x")["server"] == "s0"
+
+
+def test_after_its_router_restarts_a_service_serves_and_listens_again(
+    router: StartRouter, topic: str
+) -> None:
+    config = {"listener": [{"port": free_port()}]}  # the restarted router comes back on the same port
+    first = router(config)
+    oslo = Oslo(first)
+    try:
+        oslo.server(oslo.rpc_transport(), rpc_target(topic, "s0"), [Service("s0")])
+        recorder = Recorder()
+        notifications = oslo.notification_transport()
+        oslo.listener(notifications, topic, [recorder])
+        caller = client(oslo.rpc_transport(), topic, timeout=WAIT)
+        assert caller.call({}, "echo", text="before")["server"] == "s0"
+
+        first.kill()
+        router(config, name=first.name)
+        # The transports reconnect and the server and the listener re-attach: until then, a call fails at
+        # once (nobody serves its topic yet, or its connection is still down).
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                answer = caller.call({}, "echo", text="after")
+                break
+            except oslo_messaging.MessageDeliveryFailure:
+                assert time.monotonic() < deadline, "no server answered after the router came back"
+                time.sleep(0.1)
+        assert answer["server"] == "s0"
+        notifier(notifications, topic).info({}, "compute.after", {"number": 1})
+        assert recorder.seen.wait_count(1)[0][4] == "compute.after"
+    finally:
+        oslo.close()
 
 
 def test_the_virtual_host_in_the_url_is_a_namespace_of_its_own(

@@ -22,6 +22,7 @@ import queue
 import select
 import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
 from types import ModuleType
@@ -55,6 +56,19 @@ def shared_lock() -> threading.Lock:
     threading. Hold it briefly, never across anything that may switch green threads."""
     lock: threading.Lock = _real_threading().Lock()
     return lock
+
+
+def at_fork_in_child(method: Callable[[], object]) -> None:
+    """Call the bound `method` in the child of every fork from now on, while its object lives (it is held
+    weakly). Threads do not come along into a child: what relies on one must know it is in a child."""
+    held = weakref.WeakMethod(method)
+
+    def in_child() -> None:
+        alive = held()
+        if alive is not None:
+            alive()
+
+    os.register_at_fork(after_in_child=in_child)
 
 
 def yield_on_wakeup() -> None:

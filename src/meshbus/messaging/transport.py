@@ -750,6 +750,11 @@ class Transport:
     ) -> None:
         self.loop = _new_loop()
         self._green = green.active()
+        # Why calls must fail at once (closed, or in a forked child), rather than wait for a loop that does
+        # not run: None while the transport works.
+        self._unusable: str | None = None
+        self._pid = os.getpid()
+        green.at_fork_in_child(self._forked)
         self._tasks: set[asyncio.Task[Any]] = set()
         # What other threads ask the loop to do, and how they wake it (see `call_soon_threadsafe`).
         self._inbox: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
@@ -778,6 +783,8 @@ class Transport:
         returns (from any thread but the loop's). What needs no task of its own starts this way: a call, a
         cast."""
         if self._green:
+            if self._unusable is not None:
+                raise MessagingError(self._unusable)
             return green.run(self.loop, _awaiting(start, args))
         waiter: _Waiter[T] = _Waiter()  # not _Waiter[T](): a generic alias per call costs 1 us
         self.call_soon_threadsafe(self._start, start, args, waiter)
@@ -787,8 +794,8 @@ class Transport:
         """Call `callback(*args)` on the transport's loop, from any thread (every blocking call comes through
         here). Not the loop's own call_soon_threadsafe: its wake-up write holds the GIL (see green.Wakeup).
         One wake for all that is queued until the loop looks. Raises `MessagingError` once closed."""
-        if self._inbox_wakeup.fd < 0:
-            raise MessagingError("the transport is closed")
+        if self._unusable is not None:
+            raise MessagingError(self._unusable)
         self._inbox.append((callback, args))
         if not self._inbox_woken:
             self._inbox_woken = True
@@ -855,15 +862,23 @@ class Transport:
         return task
 
     def close(self) -> None:
-        """Close the connection and stop the I/O thread."""
+        """Close the connection and stop the I/O thread; in a forked child, nothing: both are the
+        parent's."""
         if not self._thread.is_alive():
             return
         self.run(self.aio.close())
+        self._unusable = "the transport is closed"
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.remove_reader(self._inbox_wakeup.fd)
         self._inbox_wakeup.close()
         self.loop.close()
+
+    def _forked(self) -> None:
+        self._unusable = (
+            f"this transport was made in process {self._pid}, before it forked this one: its connection and "
+            f"I/O thread stayed there. Make a new Transport in this process."
+        )
 
     def __enter__(self) -> Transport:
         return self

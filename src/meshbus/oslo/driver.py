@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -86,8 +87,38 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
         super().__init__(conf, url, default_exchange, allowed_remote_exmods)
         conf.register_opts(OPTIONS, group=GROUP)
         self.options = conf[GROUP]
-        self.transport = Transport(meshbus_url(url), default_exchange=default_exchange)
+        self._url = meshbus_url(url)
+        self._default_exchange = default_exchange
+        self._transport: Transport | None = Transport(self._url, default_exchange=default_exchange)
+        self._opening = threading.Lock()
+        self._forsaken: list[Transport] = []
         self.closed = False
+        green.at_fork_in_child(self._forked)
+
+    @property
+    def transport(self) -> Transport:
+        """The driver's connection. In a process forked since it was made (oslo.service forks its workers
+        after the service made its transports), a new one, made on first use, as the AMQP 1.0 driver did:
+        the parent's I/O thread did not come along, and its connection is the parent's."""
+        transport = self._transport
+        if transport is None:
+            with self._opening:
+                if self.closed:
+                    raise MessagingError("the transport was cleaned up")
+                transport = self._transport
+                if transport is None:
+                    transport = self._transport = Transport(
+                        self._url, default_exchange=self._default_exchange
+                    )
+        return transport
+
+    def _forked(self) -> None:
+        """In the child of a fork: the parent's Transport is never used, closed or freed here (its loop
+        still counts as running, in a thread that did not come along), and the lock starts free."""
+        if self._transport is not None:
+            self._forsaken.append(self._transport)
+        self._transport = None
+        self._opening = threading.Lock()
 
     def require_features(self, requeue: bool = False) -> None:
         """Requeue is supported (the message is released to the router)."""
@@ -194,9 +225,11 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
 
     def cleanup(self) -> None:
         """Close the connection and stop the I/O thread."""
-        if not self.closed:
-            self.closed = True
-            self.transport.close()
+        with self._opening:
+            if not self.closed:
+                self.closed = True
+                if self._transport is not None:
+                    self._transport.close()
 
 
 def meshbus_url(url: Any) -> str:

@@ -51,6 +51,13 @@ def _real_threading() -> ModuleType:
     return module
 
 
+def os_thread_local() -> threading.local:
+    """Data of each OS thread, even where eventlet patched threading (its `threading.local` is per green
+    thread): for what green threads of one OS thread may share, as nothing between two switches can."""
+    local: threading.local = _real_threading().local()
+    return local
+
+
 def shared_lock() -> threading.Lock:
     """A lock that OS threads and green threads share (rule 3): a real one, even where eventlet patched
     threading. Hold it briefly, never across anything that may switch green threads."""

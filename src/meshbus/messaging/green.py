@@ -6,13 +6,14 @@ Rules of this module:
    and monkey-patched threading; the eventlet parts of this module are used only then.
 2. A transport's I/O loop runs on a real OS thread: on a green thread its loop would block the whole hub.
 3. Eventlet's locks cannot be released from another OS thread (the waiter's hub is never told), so the I/O
-   thread and green threads share no green lock. A green thread waiting for the loop waits on a green event
-   that a dispatching green thread of its hub sets; that one polls an eventfd the I/O thread writes to,
-   through the hub, as eventlet's tpool does with a socket pair. The futures they share hold real locks.
+   thread and green threads share no green lock. A green thread waiting for the loop polls an eventfd that
+   the I/O thread writes to, through its hub, as eventlet's tpool does with a socket pair; the futures they
+   share hold real locks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import logging
@@ -23,12 +24,11 @@ import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import ModuleType
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
-T_co = TypeVar("T_co", covariant=True)
 
 log = logging.getLogger("meshbus.messaging")
 
@@ -146,93 +146,53 @@ def os_thread(target: Callable[[], object], name: str) -> threading.Thread:
     return thread
 
 
-class _Result(Protocol[T_co]):
-    """What a green thread waits for: the loop's future (or the transport's `_Cast`)."""
+class _Call(Generic[T]):
+    """A coroutine run on the I/O loop for a green thread: the loop writes `wakeup` once it is done."""
 
-    def result(self) -> T_co: ...
-
-
-class GreenWaiter(Generic[T]):
-    """A green thread's wait for the I/O loop. `ended` (the done-callback of what it waits for, on the I/O
-    thread) hands it to the `_Completions` of the waiter's hub, which wakes it: no system call of its own,
-    no file descriptor whose life a killed green thread would have to end (rule 3)."""
-
-    __slots__ = ("_completions", "_ended", "abandoned", "event")
-
-    def __init__(self) -> None:
-        from eventlet.event import Event
-
-        self.event = Event()
-        self._completions = _completions()
-        self._ended: _Result[T] | None = None
+    def __init__(self, coroutine: Coroutine[Any, Any, T]) -> None:
+        self.coroutine = coroutine
+        self.wakeup = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.task: asyncio.Task[T] | None = None
         self.abandoned = False
 
-    def ended(self, started: _Result[T]) -> None:
-        self._ended = started
-        self._completions.post(self)
+    # The three methods below run on the loop, which is why they need no lock between them.
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.coroutine)
+        self.task.add_done_callback(self._done)
 
-    def wait(self) -> T:
-        try:
-            self.event.wait()
-        except BaseException:  # the green thread gave up waiting (eventlet.Timeout, killed)
-            self.abandoned = True
-            raise
-        assert self._ended is not None
-        return self._ended.result()
+    def _done(self, task: asyncio.Task[T]) -> None:
+        if not self.abandoned:
+            os.eventfd_write(self.wakeup, 1)
 
-    def forget(self) -> None:
-        """Nobody waits any more: the outcome is read here, so that no error goes unretrieved."""
-        assert self._ended is not None
-        with contextlib.suppress(BaseException):
-            self._ended.result()
-
-
-class _Completions:
-    """The waits that ended, handed by I/O threads to the green threads of one hub: one eventfd and one
-    dispatching green thread per hub, however many waits and transports. One wake for all that is posted
-    until the dispatcher looks."""
-
-    def __init__(self) -> None:
-        import eventlet
-
-        self._ended: deque[GreenWaiter[Any]] = deque()
-        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._woken = False
-        eventlet.spawn_n(self._dispatch)
-
-    def post(self, waiter: GreenWaiter[Any]) -> None:
-        self._ended.append(waiter)
-        if not self._woken:
-            self._woken = True
-            os.eventfd_write(self._fd, 1)
-
-    def _dispatch(self) -> None:
-        from eventlet.hubs import trampoline
-
-        ended = self._ended
-        while True:
-            trampoline(self._fd, read=True)
-            os.eventfd_read(self._fd)
-            # Cleared after the read, before the look: what is posted from now on wakes this thread again.
-            self._woken = False
-            while ended:
-                waiter = ended.popleft()
-                if waiter.abandoned:
-                    waiter.forget()
-                else:
-                    waiter.event.send()
+    def abandon(self) -> None:
+        """The green thread gave up waiting (eventlet.Timeout, killed): the eventfd is the loop's to close."""
+        self.abandoned = True
+        os.close(self.wakeup)
+        assert self.task is not None
+        if self.task.done() and not self.task.cancelled():
+            self.task.exception()  # retrieved: nobody is left to see it
+        self.task.cancel()
 
 
-_hubs: dict[int, _Completions] = {}  # by OS thread: each has a hub of its own
+def run(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run `coroutine` on `loop` (another OS thread's) and return its result; meanwhile the calling green
+    thread's hub runs the other green threads."""
+    from eventlet.hubs import trampoline
 
-
-def _completions() -> _Completions:
-    """The calling OS thread's `_Completions`, made at its first green wait."""
-    thread = _real_threading().get_ident()
-    completions = _hubs.get(thread)
-    if completions is None:
-        completions = _hubs[thread] = _Completions()
-    return completions
+    call = _Call(coroutine)
+    try:
+        loop.call_soon_threadsafe(call.start)
+    except BaseException:  # the loop is closed
+        os.close(call.wakeup)
+        raise
+    try:
+        trampoline(call.wakeup, read=True)
+    except BaseException:
+        loop.call_soon_threadsafe(call.abandon)
+        raise
+    os.close(call.wakeup)
+    assert call.task is not None
+    return call.task.result()
 
 
 class _SharedFuture(concurrent.futures.Future[T]):

@@ -782,8 +782,11 @@ class Transport:
         """Call `start(*args)` on the transport's loop and wait for the result of the future (or `_Cast`) it
         returns (from any thread but the loop's). What needs no task of its own starts this way: a call, a
         cast."""
-        # Not _Waiter[T](): a generic alias per call costs 1 us.
-        waiter: _Waiter[T] | green.GreenWaiter[T] = green.GreenWaiter() if self._green else _Waiter()
+        if self._green:
+            if self._unusable is not None:
+                raise MessagingError(self._unusable)
+            return green.run(self.loop, _awaiting(start, args))
+        waiter: _Waiter[T] = _Waiter()  # not _Waiter[T](): a generic alias per call costs 1 us
         self.call_soon_threadsafe(self._start, start, args, waiter)
         return waiter.wait()
 
@@ -842,12 +845,7 @@ class Transport:
             except Exception:  # the rest of the inbox still runs
                 log.exception("a callback handed to the I/O thread failed")
 
-    def _start(
-        self,
-        start: Callable[..., _Started[T]],
-        args: tuple[Any, ...],
-        waiter: _Waiter[T] | green.GreenWaiter[T],
-    ) -> None:
+    def _start(self, start: Callable[..., _Started[T]], args: tuple[Any, ...], waiter: _Waiter[T]) -> None:
         started: _Started[T]
         try:
             started = start(*args)
@@ -1059,6 +1057,10 @@ class BlockingService:
 
 def _ended(result: None) -> None:
     """What follows a job that failed (and was logged): nothing but the end of its work."""
+
+
+async def _awaiting(start: Callable[..., _Started[T]], args: tuple[Any, ...]) -> T:
+    return await start(*args)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -83,6 +83,10 @@ def main(url: str) -> None:
     readable, writable = os.pipe()
     pid = os.fork()
     if pid == 0:
+        if "eventlet" in sys.modules:  # as oslo.service does in each worker: a hub of its own
+            from eventlet import hubs
+
+            hubs.use_hub()
         os.close(readable)
         child(client, notifier, [transport, notifications], writable)
     os.close(writable)

@@ -1,5 +1,6 @@
 """The plugin in a service that forks its workers after it made its transports (fork_peer.py, in a
-subprocess: forking this test process, with its threads, would copy them half-way)."""
+subprocess: forking this test process, with its threads, would copy them half-way), on threads or on
+eventlet (eventlet_fork_peer.py)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Router
 
-PEER = Path(__file__).with_name("fork_peer.py")
+PEERS = {"threads": "fork_peer.py", "eventlet": "eventlet_fork_peer.py"}
 PEER_TIMEOUT = 60.0  # seconds; the peer gives up on its child well before
 
 
+@pytest.mark.parametrize("service", PEERS)
 def test_a_worker_forked_after_the_transport_was_made_calls_and_notifies_through_it(
-    default_router: Router,
+    default_router: Router, service: str
 ) -> None:
+    peer = Path(__file__).with_name(PEERS[service])
     done = subprocess.run(
-        [sys.executable, str(PEER), f"meshbus://{default_router.host}:{default_router.port}/"],
+        [sys.executable, str(peer), f"meshbus://{default_router.host}:{default_router.port}/"],
         capture_output=True,
         text=True,
         timeout=PEER_TIMEOUT,

@@ -1,0 +1,14 @@
+"""fork_peer.py in a process that eventlet monkey-patched first, as an oslo service on eventlet that forks
+its workers (oslo.service's ProcessLauncher)."""
+
+from __future__ import annotations
+
+import eventlet
+
+eventlet.monkey_patch()
+
+import runpy  # noqa: E402  (after monkey-patching, as a service on eventlet imports)
+from pathlib import Path  # noqa: E402
+
+if __name__ == "__main__":
+    runpy.run_path(str(Path(__file__).with_name("fork_peer.py")), run_name="__main__")

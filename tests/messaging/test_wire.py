@@ -211,12 +211,29 @@ class Point:
 def test_values_json_cannot_hold_are_made_primitive() -> None:
     payload = wire.encode_request("a", {"method": "m", "args": {"ids": {3}, "pair": (1, 2)}}, {})
     assert wire.decode_request(payload).body["args"] == {"ids": [3], "pair": [1, 2]}
-    entity = {"at": datetime.datetime(2026, 1, 2, 3, 4, 5), "point": Point(1, 2), 7: frozenset()}
+    entity = {
+        "at": datetime.datetime(2026, 1, 2, 3, 4, 5),
+        "point": Point(1, 2),
+        7: frozenset(),
+        "raw": b"id",
+    }
     assert JsonPayloadSerializer().serialize_entity({}, entity) == {
-        "at": "2026-01-02T03:04:05",
+        "at": "2026-01-02T03:04:05.000000",
         "point": {"x": 1, "y": 2},
         "7": [],
+        "raw": "id",
     }
+
+
+def test_datetimes_are_written_as_oslo_serialization_writes_them_an_aware_one_in_utc() -> None:
+    paris = datetime.timezone(datetime.timedelta(hours=1))
+    written = to_primitive(
+        [datetime.datetime(2026, 1, 2, 3, 4, 5), datetime.datetime(2026, 1, 2, 4, 4, 5, 6, tzinfo=paris)]
+    )
+    assert written == ["2026-01-02T03:04:05.000000", "2026-01-02T03:04:05.000006"]
+    # What oslo's timeutils.parse_strtime reads (its PERFECT_TIME_FORMAT), the instant kept.
+    read = [datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f") for text in written]
+    assert read == [datetime.datetime(2026, 1, 2, 3, 4, 5), datetime.datetime(2026, 1, 2, 3, 4, 5, 6)]
 
 
 def json_round_trip(value: Any) -> Any:

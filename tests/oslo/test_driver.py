@@ -6,6 +6,8 @@ the test ends, and uses topics of its own on the session's shared router.
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import re
 import socket
@@ -24,6 +26,7 @@ from oslo_config import cfg
 from oslo_messaging._metrics import client as metrics
 from oslo_messaging._tracing import client as tracing
 from oslo_messaging.rpc import dispatcher
+from oslo_serialization import jsonutils
 
 import meshbus.messaging as mb
 from meshbus.users import add_user
@@ -164,6 +167,9 @@ class Service:
         self.release.wait(WAIT)
         return "late"
 
+    def given(self, ctxt: dict[str, Any], value: Any) -> Any:
+        return value
+
     def _private(self, ctxt: dict[str, Any]) -> str:
         return "secret"
 
@@ -231,6 +237,20 @@ def test_a_cast_runs_once_on_one_server(oslo: Oslo, topic: str) -> None:
     seen.wait_count(10)
     client(transport, topic).call({}, "echo", text="barrier")
     assert sorted(n for _, n in seen.items) == list(range(10))
+
+
+def test_values_json_cannot_hold_arrive_as_oslos_own_drivers_write_them(oslo: Oslo, topic: str) -> None:
+    transport = oslo.rpc_transport()
+    oslo.server(transport, rpc_target(topic, "s0"), [Service("s0")])
+    value = {
+        "at": datetime.datetime(2026, 1, 2, 3, 4, 5),
+        "aware": datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+        "raw": b"id",
+        "ids": {3},
+        "error": ValueError("x"),
+    }
+    # As with the rabbit driver: jsonutils.dumps, oslo.serialization's to_primitive for what JSON cannot hold.
+    assert client(transport, topic).call({}, "given", value=value) == json.loads(jsonutils.dumps(value))
 
 
 def test_a_cast_json_cannot_encode_raises_at_the_caller_and_the_transport_goes_on(

@@ -50,6 +50,7 @@ from meshbus.messaging.exceptions import (
     MessagingError,
     MessagingTimeout,
 )
+from meshbus.messaging.serializer import to_primitive
 from meshbus.messaging.target import Target
 
 log = logging.getLogger("meshbus.messaging")
@@ -472,14 +473,21 @@ def _wake(waiters: asyncio.Future[None]) -> None:
 
 
 class AsyncTransport:
-    """A connection to the routers at `url`, on the running asyncio loop (see the module docstring)."""
+    """A connection to the routers at `url`, on the running asyncio loop (see the module docstring).
+    `to_primitive` writes what JSON cannot hold in the requests it encodes (serializer.to_primitive unless
+    given: the oslo plugin gives oslo.serialization's, as oslo's own drivers use)."""
 
     def __init__(
-        self, url: str = "meshbus://127.0.0.1:5672/", *, default_exchange: str | None = None
+        self,
+        url: str = "meshbus://127.0.0.1:5672/",
+        *,
+        default_exchange: str | None = None,
+        to_primitive: wire.ToPrimitive = to_primitive,
     ) -> None:
         parsed = TransportURL.parse(url)
         self.url = url
         self.default_exchange = default_exchange or wire.DEFAULT_EXCHANGE
+        self.to_primitive = to_primitive  # for the requests it encodes (calls, casts)
         self.virtual_host = parsed.virtual_host
         self.loop = asyncio.get_running_loop()
         self.connection = ClientConnection(parsed.hosts, parsed.connection_options())
@@ -559,6 +567,7 @@ class AsyncTransport:
                 reply_to=reply_to,
                 ttl=timeout,
                 call_monitor_timeout=call_monitor_timeout,
+                default=self.to_primitive,
             )
 
         _Delivery(self.connection, address, encode, retry, reply, pending.on_taken).send()
@@ -584,7 +593,7 @@ class AsyncTransport:
         timeout: float,
         retry: int | None,
     ) -> _Cast:
-        payload = wire.encode_request(address, request, context)
+        payload = wire.encode_request(address, request, context, default=self.to_primitive)
         return self._start_cast(address, payload, at_least_once, timeout, retry)
 
     def _start_cast(
@@ -746,7 +755,11 @@ class Transport:
     blocking the hub (see green.py)."""
 
     def __init__(
-        self, url: str = "meshbus://127.0.0.1:5672/", *, default_exchange: str | None = None
+        self,
+        url: str = "meshbus://127.0.0.1:5672/",
+        *,
+        default_exchange: str | None = None,
+        to_primitive: wire.ToPrimitive = to_primitive,
     ) -> None:
         self.loop = _new_loop()
         self._green = green.active()
@@ -765,7 +778,7 @@ class Transport:
         self._thread.start()
 
         async def make() -> AsyncTransport:
-            return AsyncTransport(url, default_exchange=default_exchange)
+            return AsyncTransport(url, default_exchange=default_exchange, to_primitive=to_primitive)
 
         self.aio = self.run(make())
 

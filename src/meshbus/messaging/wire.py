@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -104,16 +105,16 @@ class Incoming:
 _ORJSON_OPTIONS: Final = (
     orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 )
-_json_dumps = json.JSONEncoder(default=to_primitive).encode  # one encoder, not one per call
+ToPrimitive = Callable[[Any], Any]  # a value JSON cannot hold as one it can (`json.dumps`'s `default`)
 
 
-def _dumps(value: Any) -> bytes:
+def _dumps(value: Any, default: ToPrimitive = to_primitive) -> bytes:
     """JSON, as UTF-8. What orjson refuses (integers beyond 64 bits, text with lone surrogates, nesting
     deeper than 255) json encodes. NaN and the infinities become null: JSON has no such numbers."""
     try:
-        return orjson.dumps(value, default=to_primitive, option=_ORJSON_OPTIONS)
+        return orjson.dumps(value, default=default, option=_ORJSON_OPTIONS)
     except orjson.JSONEncodeError:
-        return _json_dumps(value).encode()  # ASCII: json escapes the rest
+        return json.dumps(value, default=default).encode()  # ASCII: json escapes the rest
 
 
 # Read by msgspec, not orjson: orjson reads an integer beyond 64 bits as a float, losing digits.
@@ -139,15 +140,16 @@ def encode_request(
     ttl: float | None = None,
     envelope: bool = False,
     call_monitor_timeout: float | None = None,
+    default: ToPrimitive = to_primitive,
 ) -> bytes:
     """A request (call, cast) or a notification (`envelope=True`: marked durable, so that a broker serving
-    its queue keeps it on disk) to address `to`."""
+    its queue keeps it on disk) to address `to`; `default` makes what JSON cannot hold primitive."""
     if envelope:
-        request = {"oslo.version": _ENVELOPE_VERSION, "oslo.message": _dumps(request).decode()}
+        request = {"oslo.version": _ENVELOPE_VERSION, "oslo.message": _dumps(request, default).decode()}
     data: dict[str, Any] = {"request": request, "context": context}
     if call_monitor_timeout is not None:
         data["call_monitor_timeout"] = call_monitor_timeout
-    body = _dumps(data)
+    body = _dumps(data, default)
     return _codec().encode(to, body, message_id=message_id, reply_to=reply_to, ttl=ttl, durable=envelope)
 
 
@@ -195,9 +197,16 @@ def _request(data: dict[str, Any]) -> dict[str, Any]:
     return request
 
 
-def encode_reply(to: str, correlation_id: str, *, result: Any = None, failure: str | None = None) -> bytes:
+def encode_reply(
+    to: str,
+    correlation_id: str,
+    *,
+    result: Any = None,
+    failure: str | None = None,
+    default: ToPrimitive = to_primitive,
+) -> bytes:
     """The reply to a call: its result, or a failure made by `serialize_exception`."""
-    body = _dumps({"failure": failure} if failure is not None else {"response": result})
+    body = _dumps({"failure": failure} if failure is not None else {"response": result}, default)
     return _codec().encode(to, body, correlation_id=correlation_id)
 
 

@@ -33,6 +33,7 @@ from urllib.parse import quote, urlencode
 import oslo_messaging
 from oslo_config import cfg
 from oslo_messaging._drivers import base, common
+from oslo_serialization.jsonutils import to_primitive
 
 from meshbus.amqp.client import ClientError, IncomingMessage, LinkRefused
 from meshbus.messaging import green, wire
@@ -89,7 +90,7 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
         self.options = conf[GROUP]
         self._url = meshbus_url(url)
         self._default_exchange = default_exchange
-        self._transport: Transport | None = Transport(self._url, default_exchange=default_exchange)
+        self._transport: Transport | None = self._open()
         self._opening = threading.Lock()
         self._forsaken: list[Transport] = []
         self.closed = False
@@ -107,10 +108,12 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
                     raise MessagingError("the transport was cleaned up")
                 transport = self._transport
                 if transport is None:
-                    transport = self._transport = Transport(
-                        self._url, default_exchange=self._default_exchange
-                    )
+                    transport = self._transport = self._open()
         return transport
+
+    def _open(self) -> Transport:
+        # Values JSON cannot hold are written as oslo's own drivers write them (jsonutils.dumps).
+        return Transport(self._url, default_exchange=self._default_exchange, to_primitive=to_primitive)
 
     def _forked(self) -> None:
         """In the child of a fork: the parent's Transport is never used, closed or freed here (its loop
@@ -184,7 +187,7 @@ class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
             address = self.transport.aio.notify_address(topic_target, priority)
             self.transport.post(
                 address,
-                wire.encode_request(address, message, ctxt, envelope=version >= 2.0),
+                wire.encode_request(address, message, ctxt, envelope=version >= 2.0, default=to_primitive),
                 at_least_once=True,
                 timeout=self.options.send_timeout,
                 retry=_retries(retry),
@@ -495,7 +498,9 @@ class _RpcIncoming(base.RpcIncomingMessage):  # type: ignore[misc]  # oslo is un
                 serialized = common.serialize_remote_exception(failure)
                 payload = wire.encode_reply(self._reply_to, self._correlation_id, failure=serialized)
             else:
-                payload = wire.encode_reply(self._reply_to, self._correlation_id, result=reply)
+                payload = wire.encode_reply(
+                    self._reply_to, self._correlation_id, result=reply, default=to_primitive
+                )
         _call_soon(self.transport, self._replied, payload)
 
     def _replied(self, payload: bytes | None) -> None:

@@ -38,12 +38,16 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
+def connected() -> None:
+    """A transport's `offline()` while it has its connection."""
+
+
 def posted(backlog: _Backlog, count: int, timeout: float = WAIT) -> list[_Cast]:
     return [backlog.post("there", timeout) for _ in range(count)]
 
 
 def test_posters_wait_at_the_limit_until_half_is_taken(loop: asyncio.AbstractEventLoop, limit: int) -> None:
-    backlog = _Backlog(Deadlines(loop))
+    backlog = _Backlog(Deadlines(loop), connected)
     sent = posted(backlog, limit - 1)
     assert backlog.room().done()
     sent += posted(backlog, 1)
@@ -56,7 +60,7 @@ def test_posters_wait_at_the_limit_until_half_is_taken(loop: asyncio.AbstractEve
 
 
 def test_empty_once_every_message_is_taken_or_given_up(loop: asyncio.AbstractEventLoop) -> None:
-    backlog = _Backlog(Deadlines(loop))
+    backlog = _Backlog(Deadlines(loop), connected)
     assert backlog.empty().done()
     first, second = posted(backlog, 2)
     empty = backlog.empty()
@@ -67,7 +71,7 @@ def test_empty_once_every_message_is_taken_or_given_up(loop: asyncio.AbstractEve
 
 
 def test_the_first_failure_is_kept_with_a_count_of_the_others(loop: asyncio.AbstractEventLoop) -> None:
-    backlog = _Backlog(Deadlines(loop))
+    backlog = _Backlog(Deadlines(loop), connected)
     for n, sent in enumerate(posted(backlog, 3)):
         sent.set_exception(MessageDeliveryFailure(f"refused {n}"))
         sent.taken()  # an outcome after the end changes nothing
@@ -81,7 +85,7 @@ def test_the_first_failure_is_kept_with_a_count_of_the_others(loop: asyncio.Abst
 
 
 def test_what_is_not_taken_by_its_deadline_is_given_up(loop: asyncio.AbstractEventLoop) -> None:
-    backlog = _Backlog(Deadlines(loop))
+    backlog = _Backlog(Deadlines(loop), connected)
     (soon,), (later,) = posted(backlog, 1, timeout=0.01), posted(backlog, 1, timeout=WAIT)
     loop.run_until_complete(asyncio.sleep(0.01 + 2 * GRANULE))  # the deadline, and a granule to spare
     assert (soon.done(), later.done()) == (True, False)
@@ -91,7 +95,7 @@ def test_what_is_not_taken_by_its_deadline_is_given_up(loop: asyncio.AbstractEve
 
 
 def test_a_waiter_that_gave_up_does_not_stop_the_next(loop: asyncio.AbstractEventLoop, limit: int) -> None:
-    backlog = _Backlog(Deadlines(loop))
+    backlog = _Backlog(Deadlines(loop), connected)
     sent = posted(backlog, limit)
     backlog.room().cancel()  # a task waiting for room was cancelled
     backlog.empty().cancel()
@@ -209,7 +213,7 @@ def test_close_drops_what_is_not_taken_in_time_and_says_so(
 
 def test_a_cast_calls_its_done_callback_once(loop: asyncio.AbstractEventLoop) -> None:
     told: list[_Cast] = []
-    cast = _Cast(Deadlines(loop), "there", WAIT)
+    cast = _Cast(Deadlines(loop), connected, "there", WAIT)
     cast.add_done_callback(told.append)
     cast.taken()
     cast.set_exception(MessageDeliveryFailure("an outcome after the end changes nothing"))
@@ -221,7 +225,7 @@ def test_a_cast_calls_its_done_callback_once(loop: asyncio.AbstractEventLoop) ->
 
 
 def test_a_cast_that_ended_before_its_future_was_asked_for(loop: asyncio.AbstractEventLoop) -> None:
-    cast = _Cast(Deadlines(loop), "there", WAIT)
+    cast = _Cast(Deadlines(loop), connected, "there", WAIT)
     refused = MessageDeliveryFailure("refused")
     cast.set_exception(refused)
     assert cast.future.exception() is refused
@@ -230,7 +234,7 @@ def test_a_cast_that_ended_before_its_future_was_asked_for(loop: asyncio.Abstrac
 
 
 def test_a_cancelled_future_gives_its_cast_up(loop: asyncio.AbstractEventLoop) -> None:
-    cast = _Cast(Deadlines(loop), "there", WAIT)
+    cast = _Cast(Deadlines(loop), connected, "there", WAIT)
     cast.future.cancel()
     assert cast.done()  # its delivery sends nothing more
     cast.taken()  # and what comes after changes nothing

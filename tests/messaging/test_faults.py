@@ -20,6 +20,7 @@ import pytest
 from meshbus.messaging import (
     MessageUndeliverable,
     MessagingError,
+    MessagingTimeout,
     NotificationListener,
     Notifier,
     OutcomeUnknown,
@@ -246,3 +247,16 @@ def wait_until_taken(transport: Transport) -> None:
     while not transport.run(taken()):
         assert time.monotonic() < deadline, "the call was never acknowledged"
         time.sleep(0.01)
+
+
+def test_a_time_out_without_a_connection_says_the_router_is_not_reached(topic: str) -> None:
+    port = free_port()  # nothing listens there
+    with Transport(f"meshbus://127.0.0.1:{port}/") as alone:
+        client = RPCClient(alone, Target(topic=topic), timeout=0.5)
+        not_reached = rf"not connected to a router \(.*\): is one running at 127\.0\.0\.1:{port}\?"
+        with pytest.raises(
+            MessagingTimeout, match=r"no server took the request within 0\.5 s; " + not_reached
+        ):
+            client.call({}, "echo", value=1)
+        with pytest.raises(MessagingTimeout, match=r"not taken within 0\.5 s; " + not_reached):
+            client.cast({}, "echo", value=1)

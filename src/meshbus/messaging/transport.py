@@ -262,17 +262,30 @@ class _PendingCall:
     """A call from its request's first send until its reply (or its error) ends `reply`. Its time-out is
     filed with the transport's `Deadlines`, as a cast's is."""
 
-    __slots__ = ("_watch", "address", "deadlines", "granule", "heard", "monitor", "reply", "taken", "timeout")
+    __slots__ = (
+        "_watch",
+        "address",
+        "deadlines",
+        "granule",
+        "heard",
+        "monitor",
+        "offline",
+        "reply",
+        "taken",
+        "timeout",
+    )
 
     def __init__(
         self,
         deadlines: Deadlines,
+        offline: Offline,
         address: str,
         timeout: float,
         monitor: float | None,
         reply: asyncio.Future[Any],
     ) -> None:
         self.deadlines = deadlines
+        self.offline = offline
         self.address = address
         self.timeout = timeout
         self.monitor = monitor  # call_monitor_timeout: fail once the server that took it is silent this long
@@ -291,7 +304,7 @@ class _PendingCall:
     def expired(self) -> None:
         if not self.reply.done():
             stage = "no reply" if self.taken else "no server took the request"
-            self.reply.set_exception(MessagingTimeout(f"{self.address}: {stage} within {self.timeout} s"))
+            self.reply.set_exception(_late(self.address, stage, self.timeout, self.offline))
 
     def _check_heard(self) -> None:
         assert self.monitor is not None
@@ -312,8 +325,16 @@ class _PendingCall:
             self._watch.cancel()
 
 
-def _not_taken(address: str, timeout: float) -> MessagingTimeout:
-    return MessagingTimeout(f"{address}: not taken within {timeout} s")
+Offline = Callable[[], str | None]  # why a transport has no connection now, or None while it has one
+
+
+def _late(address: str, what: str, timeout: float, offline: Offline) -> MessagingTimeout:
+    """A time-out's error; while the transport has no connection, that is the likelier cause: it says so."""
+    text = f"{address}: {what} within {timeout} s"
+    why = offline()
+    if why is not None:
+        text += f"; {why}"
+    return MessagingTimeout(text)
 
 
 class _Cast:
@@ -323,10 +344,21 @@ class _Cast:
     between. Its time-out is filed with the transport's `Deadlines`, not a timer of its own. (Blocking
     casts at 16 threads: 5% less client CPU than a future and a timer each, bench/README.md.)"""
 
-    __slots__ = ("_callback", "_future", "address", "deadlines", "ended", "error", "granule", "timeout")
+    __slots__ = (
+        "_callback",
+        "_future",
+        "address",
+        "deadlines",
+        "ended",
+        "error",
+        "granule",
+        "offline",
+        "timeout",
+    )
 
-    def __init__(self, deadlines: Deadlines, address: str, timeout: float) -> None:
+    def __init__(self, deadlines: Deadlines, offline: Offline, address: str, timeout: float) -> None:
         self.deadlines = deadlines
+        self.offline = offline
         self.address = address
         self.timeout = timeout
         self.ended = False
@@ -372,7 +404,7 @@ class _Cast:
         self._end(error)
 
     def expired(self) -> None:
-        self._end(_not_taken(self.address, self.timeout))
+        self._end(_late(self.address, "not taken", self.timeout, self.offline))
 
     def _end(self, error: BaseException | None) -> None:
         if self.ended:
@@ -398,10 +430,20 @@ class _Backlog:
     """The casts a transport sends in the background: posted at once, taken (or given up) later. Each one
     given up is logged; the first since the last `take_failure()` is kept for it."""
 
-    __slots__ = ("_empty", "_posted", "_room", "deadlines", "dropped", "failed", "first_failure")
+    __slots__ = (
+        "_empty",
+        "_posted",
+        "_room",
+        "deadlines",
+        "dropped",
+        "failed",
+        "first_failure",
+        "offline",
+    )
 
-    def __init__(self, deadlines: Deadlines) -> None:
+    def __init__(self, deadlines: Deadlines, offline: Offline) -> None:
         self.deadlines = deadlines  # and, by them, the loop
+        self.offline = offline
         self._posted: dict[_Cast, None] = {}  # in the order posted
         self.failed = 0
         self.first_failure: BaseException | None = None
@@ -414,7 +456,7 @@ class _Backlog:
         return len(self._posted)
 
     def post(self, address: str, timeout: float) -> _Cast:
-        posted = _Cast(self.deadlines, address, timeout)
+        posted = _Cast(self.deadlines, self.offline, address, timeout)
         self._posted[posted] = None
         posted.add_done_callback(self._ended)
         return posted
@@ -498,7 +540,7 @@ class AsyncTransport:
         self._ids = itertools.count()
         self._replies: Receiver | None = None
         self._deadlines = Deadlines(self.loop)
-        self._backlog = _Backlog(self._deadlines)
+        self._backlog = _Backlog(self._deadlines, self._offline)
         self._closed = False
 
     # -- addresses: of this transport's default exchange and virtual host ----------------------------------
@@ -511,6 +553,14 @@ class AsyncTransport:
 
     def notify_address(self, target: Target, priority: str) -> str:
         return wire.notify_address(target, priority, self.default_exchange, self.virtual_host)
+
+    def _offline(self) -> str | None:
+        connection = self.connection
+        if connection.connected:
+            return None
+        hosts = ", ".join(map(str, connection.hosts))
+        why = connection.last_error or "connecting"
+        return f"not connected to a router ({why}): is one running at {hosts}?"
 
     async def close(self) -> None:
         """Close the connection, once what was sent in the background has been taken (`CLOSE_LINGER`
@@ -551,7 +601,7 @@ class AsyncTransport:
         message_id = f"{self._id_prefix}{next(self._ids)}"
         reply: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         pending = self._calls[message_id] = _PendingCall(
-            self._deadlines, address, timeout, call_monitor_timeout, reply
+            self._deadlines, self._offline, address, timeout, call_monitor_timeout, reply
         )
         reply.add_done_callback(functools.partial(self._call_ended, message_id))
 
@@ -599,7 +649,7 @@ class AsyncTransport:
     def _start_cast(
         self, address: str, payload: bytes, at_least_once: bool, timeout: float, retry: int | None
     ) -> _Cast:
-        cast = _Cast(self._deadlines, address, timeout)
+        cast = _Cast(self._deadlines, self._offline, address, timeout)
         self._send_cast(cast, payload, at_least_once, retry)
         return cast
 

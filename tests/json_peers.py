@@ -1,6 +1,7 @@
 """Peers in processes of their own that print one JSON object per line: oslo 14's (tests/oslo14.py), rhea's
 (tests/rhea.py). `Peer` collects what one prints and waits for the lines a test expects; `peers()` starts
-them and kills, by PID, those still running at the end."""
+them and kills, by PID, those still running at the end. `report_of` runs a peer that prints one report as
+its last line (the eventlet and fork tests' scripts, which must not run in the test process)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 PEER_TIMEOUT = 30.0  # seconds for a peer to print an expected line or to exit
+REPO = Path(__file__).resolve().parent.parent
 
 
 class Peer:
@@ -131,3 +135,19 @@ Start = Callable[..., Peer]
 def printed(peer: Peer, **fields: Any) -> dict[str, Any]:
     """The line `peer` printed with these fields (and maybe others), waiting for it."""
     return peer.expect(lambda line: fields.items() <= line.items())
+
+
+def report_of(module: str, *args: str, timeout: float = 2 * PEER_TIMEOUT) -> dict[str, Any]:
+    """Run `python -m module args...` from the repository (its scripts import the tests' helpers) and
+    return the JSON object it printed last, once it has exited 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, f"{module} exited {done.returncode}:\n{done.stderr}"
+    report: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return report

@@ -1,7 +1,8 @@
 """A process that eventlet monkey-patches before importing meshbus, as an oslo service on eventlet does.
 
-Run by test_eventlet.py as `python eventlet_peer.py URL`: it serves an RPC server and calls it from many green
-threads at once on one transport, and prints one JSON object with what it saw (the test asserts on it).
+Run by test_eventlet.py as `python -m tests.messaging.eventlet_peer URL`: it serves an RPC server and calls it
+from many green threads at once on one transport, and prints one JSON object with what it saw (the test
+asserts on it).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import sys  # noqa: E402
 import uuid  # noqa: E402
 from typing import Any  # noqa: E402
 
-from eventlet import patcher  # noqa: E402
-
 from meshbus.messaging import (  # noqa: E402
     NotificationListener,
     Notifier,
@@ -25,40 +24,7 @@ from meshbus.messaging import (  # noqa: E402
     Target,
     Transport,
 )
-
-CALLERS = 20  # green threads calling at once
-WAIT = 15.0  # seconds anything here may take; the test's subprocess time-out is longer
-
-real_threading = patcher.original("threading")
-MAIN_THREAD = real_threading.get_ident()
-
-
-class Endpoint:
-    def __init__(self) -> None:
-        self.arrived = 0
-        self.everyone_in = eventlet.event.Event()  # a green primitive shared by endpoint calls
-        self.os_threads: set[int] = set()
-        self.casts: list[int] = []
-
-    def gather(self, ctxt: dict[str, Any], number: int) -> int:
-        """Returns only once CALLERS calls are in progress at once: green threads serve them concurrently."""
-        self.os_threads.add(real_threading.get_ident())
-        self.arrived += 1
-        if self.arrived == CALLERS:
-            self.everyone_in.send(True)
-        with eventlet.Timeout(WAIT):
-            self.everyone_in.wait()
-        return number * 2
-
-    def slow(self, ctxt: dict[str, Any], seconds: float) -> str:
-        eventlet.sleep(seconds)
-        return "slept"
-
-    def note(self, ctxt: dict[str, Any], number: int) -> None:
-        self.casts.append(number)
-
-    def info(self, ctxt: Any, publisher_id: str, event_type: str, payload: int, metadata: Any) -> None:
-        self.casts.append(payload)
+from tests.green_endpoint import CALLERS, WAIT, Endpoint, wait_until  # noqa: E402
 
 
 def main(url: str) -> None:
@@ -80,7 +46,7 @@ def main(url: str) -> None:
 
     pool = eventlet.GreenPool(CALLERS)
     report["gathered"] = sorted(pool.imap(lambda n: client.call({}, "gather", number=n), range(CALLERS)))
-    report["endpoint_os_threads"] = [thread == MAIN_THREAD for thread in endpoint.os_threads]
+    report["endpoint_os_threads"] = endpoint.on_main_thread()
 
     before = ticks[0]
     report["slow"] = client.call({}, "slow", seconds=0.3)
@@ -96,18 +62,14 @@ def main(url: str) -> None:
 
     for number in range(5):
         client.cast({}, "note", number=number)
-    with eventlet.Timeout(WAIT):
-        while len(endpoint.casts) < 5:
-            eventlet.sleep(0.01)
+    wait_until(lambda: len(endpoint.casts) >= 5)
     report["casts"] = sorted(endpoint.casts)
 
     listener = NotificationListener(transport, [Target(topic=topic)], [endpoint])
     listener.start()
     Notifier(transport, "peer", topics=[topic]).info({}, "peer.event", 5)
-    with eventlet.Timeout(WAIT):
-        while len(endpoint.casts) < 6:
-            eventlet.sleep(0.01)
-    report["notified"] = endpoint.casts[-1]
+    wait_until(lambda: endpoint.notified)
+    report["notified"] = endpoint.notified[0][1]
 
     for service in (server, listener):
         service.stop()

@@ -3,27 +3,19 @@ this test process would change every other test's threads)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 from tests.conftest import Router
+from tests.json_peers import report_of
 
-PEER = Path(__file__).with_name("eventlet_peer.py")
 PEER_TIMEOUT = 60.0  # seconds; the peer's own waits are bounded well below this
 
 
 def test_green_threads_call_a_server_in_the_same_process(default_router: Router) -> None:
-    done = subprocess.run(
-        [sys.executable, str(PEER), f"meshbus://{default_router.host}:{default_router.port}/"],
-        capture_output=True,
-        text=True,
-        timeout=PEER_TIMEOUT,
-        check=False,
+    report = report_of(
+        "tests.messaging.eventlet_peer", f"meshbus://{default_router.host}:{default_router.port}/"
     )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.splitlines()[-1])
     # Twenty calls in progress at once, each answered only when all twenty had arrived: callers waiting
     # for replies left the hub free, and the endpoints ran concurrently in green threads of the main thread.
     assert report["gathered"] == [number * 2 for number in range(20)]

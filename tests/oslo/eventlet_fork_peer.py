@@ -8,7 +8,6 @@ import eventlet
 eventlet.monkey_patch()
 
 import runpy  # noqa: E402  (after monkey-patching, as a service on eventlet imports)
-from pathlib import Path  # noqa: E402
 
 if __name__ == "__main__":
-    runpy.run_path(str(Path(__file__).with_name("fork_peer.py")), run_name="__main__")
+    runpy.run_module("tests.oslo.fork_peer", run_name="__main__")

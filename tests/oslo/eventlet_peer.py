@@ -1,10 +1,10 @@
 """An oslo.messaging 18 service on eventlet, as most OpenStack services still run: monkey-patched before
 anything else is imported, so oslo picks its `eventlet` executor, with `transport_url = meshbus://...`.
 
-Run by test_eventlet.py as `python eventlet_peer.py URL`: an RPC server, green threads calling it all at once
-through one transport, a call that lives on heartbeats, casts, a fanout cast, notifications to a listener pool
-and to a batch listener (a partial batch after its time-out), then the server stopped while a call is in
-progress. It prints one JSON object with what it saw (the test asserts on it).
+Run by test_eventlet.py as `python -m tests.oslo.eventlet_peer URL`: an RPC server, green threads calling
+it all at once through one transport, a call that lives on heartbeats, casts, a fanout cast, notifications
+to a listener pool and to a batch listener (a partial batch after its time-out), then the server stopped
+while a call is in progress. It prints one JSON object with what it saw (the test asserts on it).
 """
 
 from __future__ import annotations
@@ -21,47 +21,9 @@ import warnings  # noqa: E402
 from typing import Any  # noqa: E402
 
 import oslo_messaging  # noqa: E402
-from eventlet import patcher  # noqa: E402
-from oslo_config import cfg  # noqa: E402
-from oslo_messaging._metrics import client as metrics  # noqa: E402
-from oslo_messaging._tracing import client as tracing  # noqa: E402
 
-CALLERS = 20  # green threads calling at once
-WAIT = 15.0  # seconds anything here may take; the test's subprocess time-out is longer
-
-real_threading = patcher.original("threading")
-MAIN_THREAD = real_threading.get_ident()
-
-
-class Endpoint:
-    def __init__(self) -> None:
-        self.arrived = 0
-        self.everyone_in = eventlet.event.Event()  # a green primitive shared by the endpoint's calls
-        self.os_threads: set[int] = set()
-        self.casts: list[int] = []
-        self.notified: list[tuple[str, int]] = []
-        self.slow_started = 0
-
-    def gather(self, ctxt: dict[str, Any], number: int) -> int:
-        """Returns only once CALLERS calls are in progress at once: green threads serve them concurrently."""
-        self.os_threads.add(real_threading.get_ident())
-        self.arrived += 1
-        if self.arrived == CALLERS:
-            self.everyone_in.send(True)
-        with eventlet.Timeout(WAIT):
-            self.everyone_in.wait()
-        return number * 2
-
-    def slow(self, ctxt: dict[str, Any], seconds: float) -> str:
-        self.slow_started += 1
-        eventlet.sleep(seconds)
-        return "slept"
-
-    def note(self, ctxt: dict[str, Any], number: int) -> None:
-        self.casts.append(number)
-
-    def info(self, ctxt: Any, publisher_id: str, event_type: str, payload: int, metadata: Any) -> None:
-        self.notified.append((event_type, payload))
+from tests.green_endpoint import CALLERS, WAIT, Endpoint, wait_until  # noqa: E402
+from tests.oslo.conf import configuration  # noqa: E402
 
 
 class Batches:
@@ -70,20 +32,6 @@ class Batches:
 
     def info(self, messages: list[dict[str, Any]]) -> None:
         self.batches.append([message["payload"] for message in messages])
-
-
-def configuration() -> cfg.ConfigOpts:
-    conf = cfg.ConfigOpts()
-    conf.register_opts(metrics.oslo_messaging_metrics, group="oslo_messaging_metrics")
-    conf.register_opts(tracing.oslo_messaging_tracing, group="oslo_messaging_tracing")
-    conf([])
-    return conf
-
-
-def wait_until(ready: Any) -> None:
-    with eventlet.Timeout(WAIT):
-        while not ready():
-            eventlet.sleep(0.01)
 
 
 def main(url: str) -> None:
@@ -107,7 +55,7 @@ def main(url: str) -> None:
 
     pool = eventlet.GreenPool(CALLERS)
     report["gathered"] = sorted(pool.imap(lambda n: client.call({}, "gather", number=n), range(CALLERS)))
-    report["endpoint_os_threads"] = [thread == MAIN_THREAD for thread in endpoint.os_threads]
+    report["endpoint_os_threads"] = endpoint.on_main_thread()
 
     before = ticks[0]
     report["slow"] = client.call({}, "slow", seconds=0.3)

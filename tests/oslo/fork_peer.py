@@ -1,10 +1,10 @@
 """An oslo.messaging service that forks its workers after it made its transport, as oslo.service's
 ProcessLauncher does (API workers of neutron-server, say).
 
-Run by test_fork.py as `python fork_peer.py URL`: it makes a transport, an RPC server on it and a client,
-calls the server, then forks. The child calls the server (which runs in the parent) and notifies through the
-transports it inherited, cleans them up, and tells the parent what it got through a pipe. The parent prints
-one JSON object with what both saw (the test asserts on it).
+Run by test_fork.py as `python -m tests.oslo.fork_peer URL`: it makes a transport, an RPC server on it and
+a client, calls the server, then forks. The child calls the server (which runs in the parent) and notifies
+through the transports it inherited, cleans them up, and tells the parent what it got through a pipe. The
+parent prints one JSON object with what both saw (the test asserts on it).
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import warnings
 from typing import Any
 
 import oslo_messaging
-from oslo_config import cfg
-from oslo_messaging._metrics import client as metrics
-from oslo_messaging._tracing import client as tracing
+
+from tests.oslo.conf import configuration
 
 WAIT = 10.0  # seconds for what takes milliseconds; the test's subprocess time-out is longer
 
@@ -35,14 +34,6 @@ class Endpoint:
 
     def info(self, ctxt: Any, publisher_id: str, event_type: str, payload: Any, metadata: Any) -> None:
         self.notified.append(event_type)
-
-
-def configuration() -> cfg.ConfigOpts:
-    conf = cfg.ConfigOpts()
-    conf.register_opts(metrics.oslo_messaging_metrics, group="oslo_messaging_metrics")
-    conf.register_opts(tracing.oslo_messaging_tracing, group="oslo_messaging_tracing")
-    conf([])
-    return conf
 
 
 def child(client: Any, notifier: Any, transports: list[Any], report: int) -> None:

@@ -22,9 +22,6 @@ from urllib.parse import quote
 
 import oslo_messaging
 import pytest
-from oslo_config import cfg
-from oslo_messaging._metrics import client as metrics
-from oslo_messaging._tracing import client as tracing
 from oslo_messaging.rpc import dispatcher
 from oslo_serialization import jsonutils
 
@@ -32,6 +29,7 @@ import meshbus.messaging as mb
 from meshbus.users import add_user
 from tests.conftest import Router, StartRouter
 from tests.messaging.peers import free_port
+from tests.oslo.conf import configuration
 
 WAIT = 10.0  # seconds a test waits for something that should happen at once
 PRIORITIES = ["audit", "debug", "info", "warn", "error", "critical", "sample"]
@@ -71,21 +69,11 @@ class Oslo:
         self._servers: list[Any] = []
         self._transports: list[Any] = []
 
-    @staticmethod
-    def conf() -> cfg.ConfigOpts:
-        """A fresh configuration, with the options oslo.messaging registers only on its global one."""
-        conf = cfg.ConfigOpts()
-        # oslo.messaging's own ConfFixture does this, but it needs the `fixtures` package.
-        conf.register_opts(metrics.oslo_messaging_metrics, group="oslo_messaging_metrics")
-        conf.register_opts(tracing.oslo_messaging_tracing, group="oslo_messaging_tracing")
-        conf([])
-        return conf
-
     def rpc_transport(self, url: str | None = None, **options: Any) -> Any:
-        return self._opened(oslo_messaging.get_rpc_transport(self.conf(), url or self.url, **options))
+        return self._opened(oslo_messaging.get_rpc_transport(configuration(), url or self.url, **options))
 
     def notification_transport(self) -> Any:
-        return self._opened(oslo_messaging.get_notification_transport(self.conf(), self.url))
+        return self._opened(oslo_messaging.get_notification_transport(configuration(), self.url))
 
     def _opened(self, transport: Any) -> Any:
         self._transports.append(transport)

@@ -4,29 +4,14 @@ a green thread of the service's one OS thread."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 from tests.conftest import Router
-
-PEER = Path(__file__).with_name("eventlet_peer.py")
-PEER_TIMEOUT = 60.0  # seconds; the peer exits by itself before, with its threads' stacks, if it hangs
+from tests.json_peers import report_of
 
 
 def test_an_oslo_service_on_eventlet_calls_casts_and_notifies_through_the_plugin(
     default_router: Router,
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, str(PEER), f"meshbus://{default_router.host}:{default_router.port}/"],
-        capture_output=True,
-        text=True,
-        timeout=PEER_TIMEOUT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.splitlines()[-1])
+    report = report_of("tests.oslo.eventlet_peer", f"meshbus://{default_router.host}:{default_router.port}/")
     assert report["executor"] == "eventlet"
     # Twenty calls in progress at once, each answered only once all twenty had arrived: the polling thread and
     # the callers waited without blocking the hub, and the endpoints ran as green threads of the main thread.

@@ -3,6 +3,7 @@ library's; tests/oslo/eventlet_peer.py, the plugin's), imported once eventlet ha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import eventlet
@@ -54,3 +55,21 @@ def wait_until(ready: Any) -> None:
     with eventlet.Timeout(WAIT):
         while not ready():
             eventlet.sleep(0.01)
+
+
+class Ticker:
+    """A green thread that counts while the hub runs: a call that blocked the hub would stop it."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        eventlet.spawn_n(self._run)
+
+    def _run(self) -> None:
+        while True:
+            self.ticks += 1
+            eventlet.sleep(0.01)
+
+
+def gather_all(call: Callable[[int], int]) -> list[int]:
+    """`call(number)` (of `Endpoint.gather`) from CALLERS green threads at once; the answers, sorted."""
+    return sorted(eventlet.GreenPool(CALLERS).imap(call, range(CALLERS)))

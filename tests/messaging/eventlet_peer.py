@@ -24,19 +24,12 @@ from meshbus.messaging import (  # noqa: E402
     Target,
     Transport,
 )
-from tests.green_endpoint import CALLERS, WAIT, Endpoint, wait_until  # noqa: E402
+from tests.green_endpoint import CALLERS, WAIT, Endpoint, Ticker, gather_all, wait_until  # noqa: E402
 
 
 def main(url: str) -> None:
     topic = f"eventlet-{uuid.uuid4().hex[:8]}"
-    ticks = [0]
-
-    def ticker() -> None:
-        while True:
-            ticks[0] += 1
-            eventlet.sleep(0.01)
-
-    eventlet.spawn_n(ticker)
+    ticker = Ticker()
     transport = Transport(url)
     endpoint = Endpoint()
     server = RPCServer(transport, Target(topic=topic, server="peer"), [endpoint], max_workers=CALLERS)
@@ -44,13 +37,12 @@ def main(url: str) -> None:
     client = RPCClient(transport, Target(topic=topic), timeout=WAIT)
     report: dict[str, Any] = {}
 
-    pool = eventlet.GreenPool(CALLERS)
-    report["gathered"] = sorted(pool.imap(lambda n: client.call({}, "gather", number=n), range(CALLERS)))
+    report["gathered"] = gather_all(lambda number: client.call({}, "gather", number=number))
     report["endpoint_os_threads"] = endpoint.on_main_thread()
 
-    before = ticks[0]
+    before = ticker.ticks
     report["slow"] = client.call({}, "slow", seconds=0.3)
-    report["ticked_during_call"] = ticks[0] > before
+    report["ticked_during_call"] = ticker.ticks > before
 
     try:  # a green thread that gives up waiting (eventlet.Timeout): the transport carries on
         with eventlet.Timeout(0.1):

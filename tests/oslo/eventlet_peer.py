@@ -22,7 +22,7 @@ from typing import Any  # noqa: E402
 
 import oslo_messaging  # noqa: E402
 
-from tests.green_endpoint import CALLERS, WAIT, Endpoint, wait_until  # noqa: E402
+from tests.green_endpoint import WAIT, Endpoint, Ticker, gather_all, wait_until  # noqa: E402
 from tests.oslo.conf import configuration  # noqa: E402
 
 
@@ -36,14 +36,7 @@ class Batches:
 
 def main(url: str) -> None:
     topic = f"oslo-eventlet-{uuid.uuid4().hex[:8]}"
-    ticks = [0]
-
-    def ticker() -> None:
-        while True:
-            ticks[0] += 1
-            eventlet.sleep(0.01)
-
-    eventlet.spawn_n(ticker)
+    ticker = Ticker()
     conf = configuration()
     transport = oslo_messaging.get_rpc_transport(conf, url)
     endpoint = Endpoint()
@@ -53,13 +46,12 @@ def main(url: str) -> None:
     server.start()
     client = oslo_messaging.get_rpc_client(transport, oslo_messaging.Target(topic=topic), timeout=WAIT)
 
-    pool = eventlet.GreenPool(CALLERS)
-    report["gathered"] = sorted(pool.imap(lambda n: client.call({}, "gather", number=n), range(CALLERS)))
+    report["gathered"] = gather_all(lambda number: client.call({}, "gather", number=number))
     report["endpoint_os_threads"] = endpoint.on_main_thread()
 
-    before = ticks[0]
+    before = ticker.ticks
     report["slow"] = client.call({}, "slow", seconds=0.3)
-    report["ticked_during_call"] = ticks[0] > before
+    report["ticked_during_call"] = ticker.ticks > before
     # Longer than the monitor's time-out: only the server's heartbeats (a green thread's) keep it alive.
     report["monitored"] = client.prepare(call_monitor_timeout=2).call({}, "slow", seconds=3.0)
 

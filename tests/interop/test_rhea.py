@@ -5,12 +5,14 @@ request-reply pattern on a dynamic reply address; a message to nobody is release
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 import pytest
 from proton import Message
 from proton.utils import BlockingConnection
 
+from meshbus.messaging import RPCServer, Target, Transport
 from tests import cached
 from tests.conftest import Router
 from tests.integration.clients import unique
@@ -124,3 +126,34 @@ def test_a_rhea_message_to_nobody_is_released_at_once(rhea_peer: Start, default_
     (outcome,) = sender.finish()
     print("released after (ms):", outcome["ms"])
     assert outcome["outcome"] == "released"  # not held: an anonymous sender has credit, nobody to send to
+
+
+class Doubler:
+    def double(self, ctxt: dict[str, Any], value: int) -> dict[str, Any]:
+        return {"doubled": value * 2, "user": ctxt.get("user")}
+
+
+def test_rhea_calls_a_meshbus_messaging_server_in_the_oslo_wire_format(
+    rhea_peer: Start, default_router: Router
+) -> None:
+    """A service written against no meshbus code at all: its requests are the oslo AMQP 1.0 driver's JSON
+    text on the server's routable address, its reply address a dynamic one."""
+    topic = unique("rhea-service").replace("/", "-")
+    with Transport(f"meshbus://{default_router.host}:{default_router.port}/") as transport:
+        server = RPCServer(transport, Target(topic=topic, server="s1"), [Doubler()])
+        server.start()
+        try:
+            address = transport.aio.rpc_address(Target(topic=topic))
+            requests = [
+                json.dumps(
+                    {"request": {"method": "double", "args": {"value": n}}, "context": {"user": "rhea"}}
+                )
+                for n in range(5)
+            ]
+            caller = rhea_peer("call", default_router.url, address=address, requests=requests)
+            replies = {line["correlation_id"]: json.loads(line["reply"]) for line in caller.finish()}
+        finally:
+            server.stop()
+            server.wait()
+    # rhea's message ids are numbers: each reply's correlation id is its request's, of the same type
+    assert replies == {n: {"response": {"doubled": 2 * n, "user": "rhea"}} for n in range(5)}

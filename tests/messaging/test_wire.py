@@ -156,15 +156,26 @@ def test_a_request_round_trips() -> None:
     ],
     ids=["ulong", "uuid", "binary", "string"],
 )
-def test_another_clients_message_id_of_any_type_reads_as_text(message_id: Any, text: str) -> None:
-    """Another AMQP 1.0 client may number its requests or use uuids; a reply then carries the id as text."""
+def test_another_clients_message_id_of_any_type_comes_back_as_its_replys_correlation_id(
+    message_id: wire.MessageId, text: str
+) -> None:
+    """Another AMQP 1.0 client may number its requests or use uuids or binary, and match replies by them: a
+    reply's correlation id is its request's message id, of the same type. (A correlation id this library
+    reads, to match its own calls, it reads as text.)"""
     message = Message(body=json.dumps({"request": {"method": "m"}, "context": {}}))
     message.id = message.correlation_id = message_id
     message.reply_to = "its/replies"
     payload = message.encode()
     incoming = wire.decode_request(payload)
-    assert (incoming.message_id, incoming.reply_to) == (text, "its/replies")
+    assert (incoming.message_id, incoming.reply_to) == (message_id, "its/replies")
+    assert type(incoming.message_id) is type(message_id)
     assert wire.decode_reply(payload)[0] == text
+    reply = Message()
+    reply.decode(wire.encode_reply("its/replies", message_id, result=1))
+    correlation_id = reply.correlation_id
+    if isinstance(correlation_id, memoryview):  # how proton's Message gives binary
+        correlation_id = bytes(correlation_id)
+    assert (type(correlation_id), correlation_id) == (type(message_id), message_id)
 
 
 def test_a_cast_has_no_reply_address_nor_id() -> None:

@@ -370,7 +370,7 @@ class AsyncRPCServer(AsyncService):
 
     @staticmethod
     def _reply(incoming: wire.Incoming, *, result: Any = None, failure: str | None = None) -> bytes | None:
-        if not incoming.reply_to or not incoming.message_id:
+        if not incoming.reply_to or incoming.message_id in (None, ""):
             return None  # a cast
         return wire.encode_reply(incoming.reply_to, incoming.message_id, result=result, failure=failure)
 
@@ -390,7 +390,7 @@ class AsyncRPCServer(AsyncService):
     def _heartbeats(self, incoming: wire.Incoming) -> asyncio.Task[None] | None:
         """For a monitored call, a task sending its caller a heartbeat every half of its monitor interval."""
         monitor = incoming.call_monitor_timeout
-        if monitor is None or not incoming.reply_to or not incoming.message_id:
+        if monitor is None or not incoming.reply_to or incoming.message_id in (None, ""):
             return None
         heartbeat = wire.encode_heartbeat(incoming.reply_to, incoming.message_id, ttl=monitor)
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 import importlib
 import json
 import traceback
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
 import orjson
-from cproton import msgid2py
+from cproton import msgid2py, py2msgid
 from cproton_ffi import ffi, lib
 
 from meshbus.amqp.peek import fields
@@ -37,7 +38,10 @@ NOTIFY_PREFIX: Final = "openstack.org/om/notify"
 _REMOTE_SUFFIX: Final = "_Remote"
 _BUILTIN_MODULES: Final = frozenset({"builtins", "exceptions"})
 # What a client reads from a message (see `_read`).
-_Read = tuple[bytes | None, str | None, str | None, str | None]
+# A message-id as a request came with it (text from our clients and oslo's; a number, a uuid or binary from
+# other AMQP clients), for the correlation-id of its reply, which the caller matches with its own.
+MessageId = str | int | uuid.UUID | bytes
+_Read = tuple[bytes | None, MessageId | None, str | None, str | None]
 # Notifications carry their payload inside this envelope, for oslo.messaging's version 2.0 messages.
 _ENVELOPE_VERSION: Final = "2.0"
 
@@ -95,7 +99,7 @@ class Incoming:
 
     body: dict[str, Any]
     context: dict[str, Any]
-    message_id: str | None
+    message_id: MessageId | None
     reply_to: str | None
     call_monitor_timeout: float | None = None  # seconds: send the caller heartbeats at least this often
 
@@ -199,7 +203,7 @@ def _request(data: dict[str, Any]) -> dict[str, Any]:
 
 def encode_reply(
     to: str,
-    correlation_id: str,
+    correlation_id: MessageId,
     *,
     result: Any = None,
     failure: str | None = None,
@@ -210,7 +214,7 @@ def encode_reply(
     return _codec().encode(to, body, correlation_id=correlation_id)
 
 
-def encode_heartbeat(to: str, correlation_id: str, ttl: float) -> bytes:
+def encode_heartbeat(to: str, correlation_id: MessageId, ttl: float) -> bytes:
     """A sign of life for a caller that asked for call monitoring: the server still works on its call."""
     return _codec().encode(to, None, correlation_id=correlation_id, ttl=ttl)
 
@@ -239,7 +243,7 @@ class _Codec:
         *,
         message_id: str | None = None,
         reply_to: str | None = None,
-        correlation_id: str | None = None,
+        correlation_id: MessageId | None = None,
         ttl: float | None = None,
         durable: bool = False,
     ) -> bytes:
@@ -253,7 +257,10 @@ class _Codec:
         if reply_to is not None:
             lib.pn_message_set_reply_to(message, reply_to.encode())
         if correlation_id is not None:
-            lib.pn_message_set_correlation_id(message, _string_id(correlation_id))
+            correlation = (
+                _string_id(correlation_id) if type(correlation_id) is str else py2msgid(correlation_id)
+            )
+            lib.pn_message_set_correlation_id(message, correlation)
         if ttl is not None:
             lib.pn_message_set_ttl(message, int(ttl * 1000))
         if body is not None:
@@ -287,7 +294,7 @@ class _Codec:
         reply_to = lib.pn_message_get_reply_to(message)
         return (
             text,
-            _id_text(lib.pn_message_get_id(message)),
+            _id_value(lib.pn_message_get_id(message)),
             ffi.string(reply_to).decode() if reply_to else None,
             _id_text(lib.pn_message_get_correlation_id(message)),
         )
@@ -297,6 +304,17 @@ def _string_id(value: str) -> dict[str, Any]:
     """A message id (or correlation id) of type string, as pn_message_set_id takes it."""
     raw = value.encode()
     return {"type": lib.PN_STRING, "u": {"as_bytes": (len(raw), ffi.from_buffer(raw))}}
+
+
+def _id_value(value: Any) -> MessageId | None:
+    """A message id as it came: text as `_id_text` reads it, any other type by proton."""
+    if value.type == lib.PN_STRING:
+        return _id_text(value)
+    if value.type == lib.PN_BINARY:  # copied: proton's memoryview would be of the codec's reused buffer
+        raw: bytes = ffi.unpack(value.u.as_bytes.start, value.u.as_bytes.size)
+        return raw
+    converted: MessageId | None = msgid2py(value)
+    return converted
 
 
 def _id_text(value: Any) -> str | None:

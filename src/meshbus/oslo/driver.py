@@ -481,7 +481,12 @@ class _RpcIncoming(base.RpcIncomingMessage):  # type: ignore[misc]  # oslo is un
 
     def heartbeat(self) -> None:
         """Tell a caller that monitors its call that the server still works on it."""
-        if self._reply_to and self._correlation_id and self.client_timeout and not self._answered:
+        if (
+            self._reply_to
+            and self._correlation_id not in (None, "")
+            and self.client_timeout
+            and not self._answered
+        ):
             heartbeat = wire.encode_heartbeat(self._reply_to, self._correlation_id, ttl=self.client_timeout)
             _call_soon(self.transport, self.transport.aio.reply, heartbeat)
 
@@ -491,7 +496,7 @@ class _RpcIncoming(base.RpcIncomingMessage):  # type: ignore[misc]  # oslo is un
         self.acknowledge()
         self._answered = True
         payload = None
-        if self._reply_to and self._correlation_id:  # a cast has no one to answer
+        if self._reply_to and self._correlation_id not in (None, ""):  # a cast has no one to answer
             if failure is not None:
                 if isinstance(failure, BaseException):
                     failure = (type(failure), failure, failure.__traceback__)

@@ -370,9 +370,10 @@ class AsyncRPCServer(AsyncService):
 
     @staticmethod
     def _reply(incoming: wire.Incoming, *, result: Any = None, failure: str | None = None) -> bytes | None:
-        if not incoming.reply_to or incoming.message_id in (None, ""):
+        route = incoming.reply_route
+        if route is None:
             return None  # a cast
-        return wire.encode_reply(incoming.reply_to, incoming.message_id, result=result, failure=failure)
+        return wire.encode_reply(*route, result=result, failure=failure)
 
     def _finish(
         self,
@@ -389,10 +390,10 @@ class AsyncRPCServer(AsyncService):
 
     def _heartbeats(self, incoming: wire.Incoming) -> asyncio.Task[None] | None:
         """For a monitored call, a task sending its caller a heartbeat every half of its monitor interval."""
-        monitor = incoming.call_monitor_timeout
-        if monitor is None or not incoming.reply_to or incoming.message_id in (None, ""):
+        monitor, route = incoming.call_monitor_timeout, incoming.reply_route
+        if monitor is None or route is None:
             return None
-        heartbeat = wire.encode_heartbeat(incoming.reply_to, incoming.message_id, ttl=monitor)
+        heartbeat = wire.encode_heartbeat(*route, ttl=monitor)
 
         async def beat() -> None:
             while True:

@@ -103,6 +103,14 @@ class Incoming:
     reply_to: str | None
     call_monitor_timeout: float | None = None  # seconds: send the caller heartbeats at least this often
 
+    @property
+    def reply_route(self) -> tuple[str, MessageId] | None:
+        """Where its reply (and heartbeats) go: the caller's address and the correlation id; None for a
+        cast, which has no one to answer."""
+        if not self.reply_to or self.message_id is None or self.message_id == "":
+            return None
+        return self.reply_to, self.message_id
+
 
 # orjson writes what json writes at a tenth of the cost, which counts twice per call. These options keep
 # json's ways: any key becomes text; dates and dataclasses go through `to_primitive`, as with json.

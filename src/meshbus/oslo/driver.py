@@ -465,8 +465,7 @@ class _RpcIncoming(base.RpcIncomingMessage):  # type: ignore[misc]  # oslo is un
         self.client_timeout = decoded.call_monitor_timeout  # oslo's server then calls heartbeat()
         self.transport = listener.driver.transport
         self.raw = message  # (`self.message` is oslo's: the decoded body)
-        self._reply_to = decoded.reply_to
-        self._correlation_id = decoded.message_id
+        self._route = decoded.reply_route  # None: a cast, which has no one to answer
         self._acknowledged = self._answered = False
 
     def acknowledge(self) -> None:
@@ -481,13 +480,8 @@ class _RpcIncoming(base.RpcIncomingMessage):  # type: ignore[misc]  # oslo is un
 
     def heartbeat(self) -> None:
         """Tell a caller that monitors its call that the server still works on it."""
-        if (
-            self._reply_to
-            and self._correlation_id not in (None, "")
-            and self.client_timeout
-            and not self._answered
-        ):
-            heartbeat = wire.encode_heartbeat(self._reply_to, self._correlation_id, ttl=self.client_timeout)
+        if self._route is not None and self.client_timeout and not self._answered:
+            heartbeat = wire.encode_heartbeat(*self._route, ttl=self.client_timeout)
             _call_soon(self.transport, self.transport.aio.reply, heartbeat)
 
     def reply(self, reply: Any = None, failure: Any = None) -> None:
@@ -496,16 +490,14 @@ class _RpcIncoming(base.RpcIncomingMessage):  # type: ignore[misc]  # oslo is un
         self.acknowledge()
         self._answered = True
         payload = None
-        if self._reply_to and self._correlation_id not in (None, ""):  # a cast has no one to answer
+        if self._route is not None:
             if failure is not None:
                 if isinstance(failure, BaseException):
                     failure = (type(failure), failure, failure.__traceback__)
                 serialized = common.serialize_remote_exception(failure)
-                payload = wire.encode_reply(self._reply_to, self._correlation_id, failure=serialized)
+                payload = wire.encode_reply(*self._route, failure=serialized)
             else:
-                payload = wire.encode_reply(
-                    self._reply_to, self._correlation_id, result=reply, default=to_primitive
-                )
+                payload = wire.encode_reply(*self._route, result=reply, default=to_primitive)
         _call_soon(self.transport, self._replied, payload)
 
     def _replied(self, payload: bytes | None) -> None:

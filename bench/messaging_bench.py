@@ -419,7 +419,7 @@ class MeshbusStack(_BlockingStack):
 
 
 @functools.cache
-def _oslo_configuration() -> Any:
+def oslo_configuration() -> Any:
     """oslo.config's global configuration, as services use it (oslo.messaging registers its tracing options
     only there), parsed once per process with no command line and no configuration file."""
     from oslo_config import cfg
@@ -438,7 +438,7 @@ class OsloStack(_BlockingStack):
 
         self.om = oslo_messaging
         self.url = url
-        self.conf = _oslo_configuration()
+        self.conf = oslo_configuration()
         if durable:  # registered here as the rabbit driver registers it, to be set before the driver loads
             self.conf.register_opts(amqp.amqp_opts, group="oslo_messaging_rabbit")
             self.conf.set_override("amqp_durable_queues", True, group="oslo_messaging_rabbit")

@@ -181,7 +181,7 @@ class _NullStack(messaging_bench._BlockingStack):
         import oslo_messaging
         from oslo_messaging import transport
 
-        conf = messaging_bench._oslo_configuration()
+        conf = messaging_bench.oslo_configuration()
         self.om = oslo_messaging
         self.driver = _driver_class()(conf, oslo_messaging.TransportURL.parse(conf, "null://"))
         self.rpc = transport.RPCTransport(self.driver)

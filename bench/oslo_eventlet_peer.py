@@ -24,12 +24,9 @@ from typing import Any  # noqa: E402
 
 import oslo_messaging  # noqa: E402
 from eventlet.hubs import trampoline  # noqa: E402
-from oslo_config import cfg  # noqa: E402
-from oslo_messaging._metrics import client as metrics  # noqa: E402
-from oslo_messaging._tracing import client as tracing  # noqa: E402
 
-TOPIC = "bench"
-PAYLOAD = "x" * 100
+from messaging_bench import PAYLOAD, TOPIC, oslo_configuration  # noqa: E402
+
 WARMUP = 1.0  # seconds
 CALL_TIMEOUT = 30.0  # seconds
 
@@ -49,12 +46,7 @@ class Endpoint:
 
 
 def _transport(url: str) -> Any:
-    conf = cfg.ConfigOpts()
-    # What oslo.messaging registers on its global configuration only.
-    conf.register_opts(metrics.oslo_messaging_metrics, group="oslo_messaging_metrics")
-    conf.register_opts(tracing.oslo_messaging_tracing, group="oslo_messaging_tracing")
-    conf([])
-    return oslo_messaging.get_rpc_transport(conf, url)
+    return oslo_messaging.get_rpc_transport(oslo_configuration(), url)
 
 
 def serve(url: str) -> None:

@@ -358,6 +358,19 @@ def test_sends_to_nobody_fail_at_once(oslo: Oslo, topic: str) -> None:
     caller.prepare(fanout=True).cast({}, "record", n=1)  # dropped, as a broker drops it: no error
 
 
+def test_with_retry_0_sends_fail_at_once_while_no_router_is_reached(oslo: Oslo, topic: str) -> None:
+    # oslo's retry=0: no reconnection attempt, where the rabbit driver raises at once.
+    caller = client(oslo.rpc_transport(f"meshbus://127.0.0.1:{free_port()}/"), topic, timeout=30, retry=0)
+    not_reached = r"not connected to a router \(.*\): is one running at .*\(retry=0\)"
+
+    started = time.monotonic()
+    with pytest.raises(oslo_messaging.MessageDeliveryFailure, match=not_reached):
+        caller.call({}, "echo", text="x")
+    with pytest.raises(oslo_messaging.MessageDeliveryFailure, match=not_reached):
+        caller.cast({}, "record", n=1)
+    assert time.monotonic() - started < 5.0
+
+
 def test_a_server_holds_no_more_requests_than_its_prefetch(oslo: Oslo, topic: str) -> None:
     server_transport = oslo.rpc_transport()
     server_transport.conf.set_override("prefetch", 1, group=DRIVER_OPTIONS)

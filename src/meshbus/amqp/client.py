@@ -327,8 +327,11 @@ class ClientConnection:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._closing = False
         self.connected_to: Host | None = None
-        self.on_lost: list[Callable[[str], None]] = []  # called with the reason when a connection drops
+        # Called with the reason when a connection drops or an attempt to make one fails.
+        self.on_lost: list[Callable[[str], None]] = []
         self.last_error: str | None = None
+        self.failed_attempts = 0  # connections dropped or not made since one was last open
+        self.opens = 0  # connections made so far
         self._supervisor = self._loop.create_task(self._run(), name="meshbus-connection")
 
     # -- public -----------------------------------------------------------------------------------
@@ -460,12 +463,19 @@ class ClientConnection:
         log.info("connected to %s", host)
         for receiver in list(self._receivers):
             self._attach_receiver(receiver)
+        self.failed_attempts = 0
+        self.opens += 1
         self._opened.set()
         self._drain_queue()
         self._flush()
 
     def _drop_connection(self, reason: str) -> None:
-        """Forget the current connection's engine objects; fail what was in flight on it."""
+        """Forget the current connection's engine objects; fail what was in flight on it. Once per connection
+        or attempt: a socket lost while connecting is dropped there, then again by the attempt's failure."""
+        if self._connection == ffi.NULL:
+            return
+        if not self._closing:  # counted before anything is told: a resend may count it (messaging/)
+            self.failed_attempts += 1
         self._opened.clear()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
@@ -481,13 +491,12 @@ class ClientConnection:
         self._links.clear()
         for receiver in self._receivers:
             receiver._detached()
-        if self._connection != ffi.NULL:
-            lib.pn_transport_unbind(self._transport)
-            lib.pn_connection_release(self._connection)
-            lib.pn_decref(self._transport)
-            lib.pn_collector_free(self._collector)
-            self._connection = self._transport = self._collector = ffi.NULL
-            self._session = self._relay = ffi.NULL
+        lib.pn_transport_unbind(self._transport)
+        lib.pn_connection_release(self._connection)
+        lib.pn_decref(self._transport)
+        lib.pn_collector_free(self._collector)
+        self._connection = self._transport = self._collector = ffi.NULL
+        self._session = self._relay = ffi.NULL
         self._lost.set()
         for callback in self.on_lost:
             callback(reason)

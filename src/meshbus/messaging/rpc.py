@@ -103,6 +103,10 @@ class AsyncRPCClient:
     - `call_monitor_timeout` (seconds): the server that took a call sends heartbeats while it works on it,
       and the call fails (`MessagingTimeout`) as soon as neither reply nor heartbeat came for that long,
       however long its `timeout`: a server that died mid-call is noticed early.
+    - `retry` (None: no limit but the time-out) bounds the failed attempts a request lives through: a
+      server's failure (it is sent again), a drop of the connection or a failed attempt to make one while
+      it waits for one. With `retry=0`, a call or cast made while no router is reached fails at once with
+      `MessageDeliveryFailure`, as in oslo.messaging.
     - `prepare(...)` gives a client with some of the target's fields, the time-out or the retry changed.
     """
 

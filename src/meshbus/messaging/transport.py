@@ -164,10 +164,12 @@ class _Delivery:
     (see client.OutcomeSink): an outcome is acted on in the turn it arrives, with no future or task between.
 
     RELEASED: resent RELEASED_RESENDS times at most, after RELEASED_DELAY, doubling. MODIFIED (a consumer had
-    it and failed) or an unknown outcome (the connection dropped): resent, `retry` times at most (None: until
-    the caller's time-out), after a back-off that doubles from RESEND_DELAY. REJECTED: never resent. Outcomes
-    end `caller`: with an error, or, once taken, by `on_taken()`; a caller who gave up (time-out, cancel)
-    has ended it already, and nothing more is sent."""
+    it and failed) or an unknown outcome (the connection dropped): resent after a back-off that doubles from
+    RESEND_DELAY. REJECTED: never resent. `retry` (None: until the caller's time-out) bounds its failed
+    attempts: a consumer's failure, and each drop of or failed attempt to make the connection while the
+    request waited for one (oslo's meaning: with `retry=0`, a request sent while the connection is down
+    fails at once). Outcomes end `caller`: with an error, or, once taken, by `on_taken()`; a caller who
+    gave up (time-out, cancel) has ended it already, and nothing more is sent."""
 
     __slots__ = (
         "address",
@@ -177,21 +179,25 @@ class _Delivery:
         "failed",
         "loop",
         "on_taken",
+        "outage",
+        "outage_failures",
         "released",
         "retry",
+        "waits",
     )
 
     def __init__(
         self,
-        connection: ClientConnection,
+        waits: _ConnectionWaits,
         address: str,
         encode: bytes | Callable[[Callable[[], None]], bytes | None],
         retry: int | None,
         caller: _Caller,
         on_taken: Callable[[], None],
     ) -> None:
-        self.loop = connection.loop
-        self.connection = connection
+        self.waits = waits
+        self.connection = waits.connection
+        self.loop = self.connection.loop
         self.address = address
         # A cast's bytes; or, for a call, what gives the bytes of each attempt (its reply address changes
         # with a reconnect): None if not yet, and then it calls its argument when it can give them.
@@ -200,9 +206,13 @@ class _Delivery:
         self.caller = caller
         self.on_taken = on_taken
         self.released = self.failed = 0
+        # The connection's failures counted so far: of the outage after its `opens`-th connection, how many.
+        self.outage = self.outage_failures = 0
 
     def send(self) -> None:
         if self.caller.done():
+            return
+        if self.retry is not None and not self.connection.connected and not self.waits.add(self):
             return
         encode = self.encode
         try:
@@ -219,12 +229,14 @@ class _Delivery:
     def set_exception(self, error: BaseException) -> None:
         if self.caller.done():
             return
-        if isinstance(error, OutcomeUnknown):
+        if not isinstance(error, OutcomeUnknown):
+            self.caller.set_exception(error)  # the connection is closed
+        elif self.count_outage():
+            self._resend()
+        else:
             gave_up = MessagingError(f"{self.address}: {error}; gave up after {self.retry} resends")
             gave_up.__cause__ = error
-            self._failed(gave_up)
-        else:
-            self.caller.set_exception(error)  # the connection is closed
+            self.caller.set_exception(gave_up)
 
     def set_result(self, outcome: Outcome) -> None:
         caller = self.caller
@@ -237,11 +249,15 @@ class _Delivery:
                 MessageDeliveryFailure(f"{self.address}: the message was {describe_outcome(outcome)}")
             )
         elif outcome.state == MODIFIED and not outcome.undeliverable_here:
-            self._failed(
-                MessageDeliveryFailure(
-                    f"{self.address}: delivery failed {self.failed + 1} times ({self.retry} resends)"
+            self.failed += 1
+            if self.retry is not None and self.failed > self.retry:
+                caller.set_exception(
+                    MessageDeliveryFailure(
+                        f"{self.address}: delivery failed {self.failed} times ({self.retry} resends)"
+                    )
                 )
-            )
+            else:
+                self._resend()
         else:
             self.released += 1
             if self.released > RELEASED_RESENDS:
@@ -249,13 +265,59 @@ class _Delivery:
             else:
                 self.loop.call_later(RELEASED_DELAY * 2 ** (self.released - 1), self.send)
 
-    def _failed(self, giving_up: Exception) -> None:
-        self.failed += 1
-        if self.retry is not None and self.failed > self.retry:
-            self.caller.set_exception(giving_up)
-            return
+    def count_outage(self) -> bool:
+        """Count the connection's failures since this request last looked as failed attempts of its own;
+        False once they are more than `retry`."""
+        connection = self.connection
+        new = connection.failed_attempts
+        if self.outage == connection.opens:
+            new -= self.outage_failures
+        self.outage, self.outage_failures = connection.opens, connection.failed_attempts
+        self.failed += new
+        return self.retry is None or self.failed <= self.retry
+
+    def _resend(self) -> None:
         delay = min(RESEND_DELAY * 2 ** (self.failed - 1), MAX_RESEND_DELAY)
         self.loop.call_later(delay, self.send)
+
+
+class _ConnectionWaits:
+    """The requests with a `retry` budget that wait for a connection (see `_Delivery`): each drop of the
+    connection or failed attempt to make one counts against their budgets; past it, they fail, saying why
+    there is no connection."""
+
+    def __init__(self, connection: ClientConnection, offline: Offline) -> None:
+        self.connection = connection
+        self.offline = offline
+        self._waiting: dict[_Delivery, int] = {}  # -> the connection's `opens` when it began to wait
+        connection.on_lost.append(self._lost)
+
+    def add(self, delivery: _Delivery) -> bool:
+        """Have `delivery` wait for a connection; False if it has failed instead."""
+        if not delivery.count_outage():
+            self._fail(delivery)
+            return False
+        self._waiting[delivery] = self.connection.opens
+        return True
+
+    def _lost(self, reason: str) -> None:
+        opens = self.connection.opens
+        for delivery, since in list(self._waiting.items()):
+            # A request handed to a connection since is that connection's: it failed or is resent as such.
+            if since != opens or delivery.done():
+                del self._waiting[delivery]
+            elif not delivery.count_outage():
+                del self._waiting[delivery]
+                self._fail(delivery)
+
+    def _fail(self, delivery: _Delivery) -> None:
+        attempts = "attempt" if delivery.failed == 1 else "attempts"
+        delivery.caller.set_exception(
+            MessageDeliveryFailure(
+                f"{delivery.address}: {self.offline()} Given up after {delivery.failed} failed {attempts} "
+                f"(retry={delivery.retry})."
+            )
+        )
 
 
 class _PendingCall:
@@ -541,6 +603,7 @@ class AsyncTransport:
         self._replies: Receiver | None = None
         self._deadlines = Deadlines(self.loop)
         self._backlog = _Backlog(self._deadlines, self._offline)
+        self._waits = _ConnectionWaits(self.connection, self._offline)
         self._closed = False
 
     # -- addresses: of this transport's default exchange and virtual host ----------------------------------
@@ -620,7 +683,7 @@ class AsyncTransport:
                 default=self.to_primitive,
             )
 
-        _Delivery(self.connection, address, encode, retry, reply, pending.on_taken).send()
+        _Delivery(self._waits, address, encode, retry, reply, pending.on_taken).send()
         return reply
 
     def _call_ended(self, message_id: str, reply: asyncio.Future[dict[str, Any]]) -> None:
@@ -655,7 +718,7 @@ class AsyncTransport:
 
     def _send_cast(self, cast: _Cast, payload: bytes, at_least_once: bool, retry: int | None) -> None:
         if at_least_once:
-            _Delivery(self.connection, cast.address, payload, retry, cast, cast.taken).send()
+            _Delivery(self._waits, cast.address, payload, retry, cast, cast.taken).send()
         else:
             self.connection.send(cast.address, payload, settled=True, outcome=cast)
 

@@ -20,6 +20,7 @@ from meshbus.amqp.client import IncomingMessage
 from meshbus.messaging import (
     AsyncRPCClient,
     LinkRefused,
+    MessageDeliveryFailure,
     MessageUndeliverable,
     MessagingError,
     MessagingTimeout,
@@ -29,6 +30,7 @@ from meshbus.messaging import (
 from meshbus.messaging.transport import _Waiter
 from tests.conftest import Config, Router
 from tests.messaging.conftest import WAIT, Api, AsyncioApi, BlockingApi, url_of
+from tests.messaging.peers import free_port
 from tests.messaging.test_rpc import Service, serve
 
 FAST = 5.0  # seconds: a generous bound for "at once", far below the 30 s time-out the clients are given
@@ -206,6 +208,30 @@ def test_a_call_cast_or_notification_nobody_serves_fails_at_once(api: Api, topic
     notifier = api.notifier(transport, "test", topics=[topic], timeout=30.0)
     notifier.info({}, "nobody.listens.yet", {})
     notifier.flush()
+
+
+def test_a_request_with_a_retry_budget_fails_once_that_many_connection_attempts_failed(
+    api: Api, topic: str
+) -> None:
+    port = free_port()  # nothing listens there
+    transport = api.transport(f"meshbus://127.0.0.1:{port}/")
+    client = api.client(transport, Target(topic=topic), timeout=30.0, retry=0)
+    not_reached = rf"not connected to a router \(.*\): is one running at 127\.0\.0\.1:{port}\?"
+    started = time.monotonic()
+    # The first waits for the connection's first attempt; the next find it failed: no wait at all.
+    for send in (client.call, client.cast, client.call):
+        with pytest.raises(
+            MessageDeliveryFailure, match=not_reached + r" Given up after 1 failed attempt \(retry=0\)\."
+        ):
+            send({}, "echo", value=1)
+    with pytest.raises(MessageDeliveryFailure, match=r"Given up after 3 failed attempts \(retry=2\)\."):
+        client.prepare(retry=2).call({}, "echo", value=1)
+    notifier = api.notifier(transport, "test", topics=[topic], retry=0)
+    notifier.info({}, "nobody.hears.it", {})
+    with pytest.raises(MessageDeliveryFailure, match=not_reached):
+        notifier.flush()
+    # Back-offs of 0.05 s doubling, against the time-out of 30 s the budget replaces.
+    assert time.monotonic() - started < FAST
 
 
 def test_calls_go_to_the_servers_still_serving_while_another_stops(api: Api, topic: str) -> None:

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from meshbus.messaging import (
-    MessageDeliveryFailure,
     MessageUndeliverable,
     MessagingError,
     MessagingTimeout,
@@ -261,25 +260,3 @@ def test_a_time_out_without_a_connection_says_the_router_is_not_reached(topic: s
             client.call({}, "echo", value=1)
         with pytest.raises(MessagingTimeout, match=r"not taken within 0\.5 s; " + not_reached):
             client.cast({}, "echo", value=1)
-
-
-def test_a_request_with_a_retry_budget_fails_once_that_many_connection_attempts_failed(topic: str) -> None:
-    port = free_port()  # nothing listens there
-    not_reached = rf"not connected to a router \(.*\): is one running at 127\.0\.0\.1:{port}\?"
-    with Transport(f"meshbus://127.0.0.1:{port}/") as alone:
-        client = RPCClient(alone, Target(topic=topic), timeout=WAIT * 2, retry=0)
-        started = time.monotonic()
-        # The first waits for the connection's first attempt; the next find it failed: no wait at all.
-        for send in (client.call, client.cast, client.call):
-            with pytest.raises(
-                MessageDeliveryFailure, match=not_reached + r" Given up after 1 failed attempt \(retry=0\)\."
-            ):
-                send({}, "echo", value=1)
-        with pytest.raises(MessageDeliveryFailure, match=r"Given up after 3 failed attempts \(retry=2\)\."):
-            client.prepare(retry=2).call({}, "echo", value=1)
-        notifier = Notifier(alone, "tester", topics=[topic], retry=0)
-        notifier.info({}, "test.event", {})
-        with pytest.raises(MessageDeliveryFailure, match=not_reached):
-            notifier.flush()
-        # Back-offs of 0.05 s doubling, against the time-out of 30 s the budget replaces.
-        assert time.monotonic() - started < WAIT

@@ -607,3 +607,17 @@ def test_oslo_and_meshbus_messaging_call_each_other(oslo: Oslo, topic: str) -> N
         finally:
             library_server.stop()
             library_server.wait()
+
+
+def test_oslo_config_generator_documents_the_drivers_options(tmp_path: Path) -> None:
+    from oslo_config import cfg, generator
+
+    conf = cfg.ConfigOpts()
+    generator.register_cli_opts(conf)
+    sample = tmp_path / "sample.conf"
+    conf(["--namespace", "meshbus.oslo", "--output-file", str(sample)])
+    generator.generate(conf)
+    text = sample.read_text()
+    assert f"[{DRIVER_OPTIONS}]" in text
+    assert "#prefetch = 64" in text
+    assert "#send_timeout = 60.0" in text

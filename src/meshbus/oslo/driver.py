@@ -71,8 +71,16 @@ OPTIONS: Final = [
         help="Seconds a cast or a notification may wait for a server or listener to take it.",
     ),
 ]
+
+
 # Seconds a new server or listener waits for the router to confirm its subscriptions.
 SUBSCRIBE_TIMEOUT: Final = 60.0
+
+
+def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
+    """The driver's options, for oslo-config-generator (`--namespace meshbus.oslo`): a service's sample
+    configuration then documents them."""
+    return [(GROUP, list(OPTIONS))]
 
 
 class MeshbusDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped

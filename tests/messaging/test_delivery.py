@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import queue
 import re
@@ -279,6 +280,21 @@ def test_an_at_least_once_cast_returns_once_a_server_took_it(api: Api, topic: st
     endpoint.gate.set()
     # The router kept what the server could not take yet: all three arrive.
     assert endpoint.inbox.wait_for(3) == [("server", "held")] * 3
+
+
+def test_a_message_the_router_refuses_as_too_large_never_reaches_the_server_nor_takes_its_credit(
+    router: Callable[[Config], Router], api: Api, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The router streams a large message to its consumer as it arrives, and aborts that copy once the
+    # message passes the limit: the server must drop the aborted copy and give its credit back.
+    limited = router({"listener": [{"max_message_size": 1 << 20}]})
+    url = url_of(limited)
+    api.server(api.transport(url), Target(topic=topic, server="s"), [Service("s")], max_in_progress=1)
+    client = api.client(api.transport(url), Target(topic=topic), timeout=FAST)
+    with pytest.raises(MessageDeliveryFailure, match=r"message-size-exceeded: message larger than"):
+        client.call({}, "echo", value="x" * (2 << 20))
+    assert [client.call({}, "echo", value=n) for n in range(3)] == [0, 1, 2]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 # -- refusal -------------------------------------------------------------------------------------------------

@@ -669,9 +669,16 @@ class ClientConnection:
             if item is not None:
                 _tell(item.sink, _read_outcome(delivery))
             return
+        owner = self._links.get(link)
+        if lib.pn_delivery_aborted(delivery):
+            # Given up mid-way (the router refused it as too large, or its producer aborted it): nothing to
+            # hand on. Settled as proton asks; the credit it took is given back.
+            lib.pn_delivery_settle(delivery)
+            if isinstance(owner, Receiver):
+                owner._settled()
+            return
         if lib.pn_delivery_partial(delivery) or not lib.pn_delivery_readable(delivery):
             return
-        owner = self._links.get(link)
         payload = _read(link, delivery, self._out)
         lib.pn_link_advance(link)
         if not isinstance(owner, Receiver) or owner.closed or owner.paused:

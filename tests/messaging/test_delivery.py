@@ -282,19 +282,42 @@ def test_an_at_least_once_cast_returns_once_a_server_took_it(api: Api, topic: st
     assert endpoint.inbox.wait_for(3) == [("server", "held")] * 3
 
 
+LIMITED: Config = {"listener": [{"max_message_size": 1 << 20}]}
+
+
 def test_a_message_the_router_refuses_as_too_large_never_reaches_the_server_nor_takes_its_credit(
     router: Callable[[Config], Router], api: Api, topic: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The router streams a large message to its consumer as it arrives, and aborts that copy once the
     # message passes the limit: the server must drop the aborted copy and give its credit back.
-    limited = router({"listener": [{"max_message_size": 1 << 20}]})
-    url = url_of(limited)
+    url = url_of(router(LIMITED))
     api.server(api.transport(url), Target(topic=topic, server="s"), [Service("s")], max_in_progress=1)
     client = api.client(api.transport(url), Target(topic=topic), timeout=FAST)
     with pytest.raises(MessageDeliveryFailure, match=r"message-size-exceeded: message larger than"):
         client.call({}, "echo", value="x" * (2 << 20))
     assert [client.call({}, "echo", value=n) for n in range(3)] == [0, 1, 2]
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+class Grower:
+    def grow(self, ctxt: Any, size: int) -> str:
+        return "x" * size
+
+
+def test_a_reply_the_router_refuses_as_too_large_fails_its_call_at_once_saying_why(
+    router: Callable[[Config], Router], api: Api, topic: str
+) -> None:
+    url = url_of(router(LIMITED))
+    api.server(api.transport(url), Target(topic=topic, server="s"), [Grower()])
+    client = api.client(api.transport(url), Target(topic=topic), timeout=30.0)
+    started = time.monotonic()
+    with pytest.raises(
+        MessageDeliveryFailure,
+        match=r"the router refused the server's reply: it was rejected \(amqp:link:message-size-exceeded",
+    ):
+        client.call({}, "grow", size=2 << 20)
+    assert time.monotonic() - started < FAST
+    assert client.call({}, "grow", size=3) == "xxx"
 
 
 # -- refusal -------------------------------------------------------------------------------------------------

@@ -158,6 +158,9 @@ class Service:
     def given(self, ctxt: dict[str, Any], value: Any) -> Any:
         return value
 
+    def grow(self, ctxt: dict[str, Any], size: int) -> str:
+        return "x" * size
+
     def _private(self, ctxt: dict[str, Any]) -> str:
         return "secret"
 
@@ -429,6 +432,23 @@ def test_after_its_router_restarts_a_service_serves_and_listens_again(
         assert answer["server"] == "s0"
         notifier(notifications, topic).info({}, "compute.after", {"number": 1})
         assert recorder.seen.wait_count(1)[0][4] == "compute.after"
+    finally:
+        oslo.close()
+
+
+def test_messages_larger_than_the_router_takes_fail_at_once_saying_why(
+    router: StartRouter, topic: str
+) -> None:
+    oslo = Oslo(router({"listener": [{"max_message_size": 1 << 20}]}))
+    try:
+        oslo.server(oslo.rpc_transport(), rpc_target(topic, "s0"), [Service("s0")])
+        caller = client(oslo.rpc_transport(), topic, timeout=30)
+        started = time.monotonic()
+        with pytest.raises(oslo_messaging.MessageDeliveryFailure, match="message-size-exceeded"):
+            caller.call({}, "given", value="x" * (2 << 20))
+        with pytest.raises(oslo_messaging.RemoteError, match="the router refused the server's reply"):
+            caller.call({}, "grow", size=2 << 20)
+        assert time.monotonic() - started < 5.0
     finally:
         oslo.close()
 

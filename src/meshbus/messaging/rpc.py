@@ -323,7 +323,8 @@ class AsyncRPCServer(AsyncService):
         try:
             method, is_coroutine = self.dispatcher.find(incoming.body)
         except (NoSuchMethod, UnsupportedVersion) as error:
-            self._finish(message, heartbeats, self._reply(incoming, failure=wire.serialize_exception(error)))
+            failure = wire.serialize_exception(error)
+            self._finish(message, heartbeats, incoming.reply_route, self._reply(incoming, failure=failure))
             return
         if is_coroutine:
             self.run(self._handle_coroutine(incoming, message, heartbeats, method))
@@ -331,7 +332,7 @@ class AsyncRPCServer(AsyncService):
         # A plain method runs in a worker with everything around it but the sending.
         self.run_in_worker(
             functools.partial(self._handle_plain, incoming, method),
-            functools.partial(self._finish, message, heartbeats),
+            functools.partial(self._finish, message, heartbeats, incoming.reply_route),
         )
 
     def _handle_plain(self, incoming: wire.Incoming, method: Callable[..., Any]) -> bytes | None:
@@ -356,7 +357,7 @@ class AsyncRPCServer(AsyncService):
             reply = self._reply(incoming, result=result)
         except Exception as error:
             reply = self._reply(incoming, failure=self._failure(incoming, error))
-        self._finish(message, heartbeats, reply)
+        self._finish(message, heartbeats, incoming.reply_route, reply)
 
     def _arguments(self, incoming: wire.Incoming) -> tuple[Any, dict[str, Any]]:
         ctxt = self.serializer.deserialize_context(incoming.context)
@@ -383,11 +384,12 @@ class AsyncRPCServer(AsyncService):
         self,
         message: IncomingMessage,
         heartbeats: asyncio.Task[None] | None,
+        route: tuple[str, wire.MessageId] | None,
         reply: bytes | None,
     ) -> None:
         """On the loop: send the reply, stop the heartbeats, give the credit back."""
         if reply is not None:
-            self.transport.reply(reply)
+            self.transport.reply(reply, route=route)
         if heartbeats is not None:
             heartbeats.cancel()
         message.finished()

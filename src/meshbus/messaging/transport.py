@@ -745,33 +745,56 @@ class AsyncTransport:
         if failure is not None:
             raise failure
 
-    def reply(self, payload: bytes, *, at_least_once: bool = True) -> None:
+    def reply(
+        self, payload: bytes, *, at_least_once: bool = True, route: tuple[str, wire.MessageId] | None = None
+    ) -> None:
         """Send a reply by its `to`, in the background: until its caller has it, resent with back-off while it
         is given back (a route through the mesh may be changing), at most REPLY_RESENDS times (its caller may
-        be gone). `at_least_once=False`: written once, pre-settled (a call monitor's heartbeat)."""
+        be gone). `at_least_once=False`: written once, pre-settled (a call monitor's heartbeat). Given its
+        `route` (its `to` and correlation id), a reply the router refuses (larger than it takes, say) is
+        replaced by a failure that tells the caller why, who would otherwise wait for its time-out."""
         if not at_least_once:
             self.connection.send(None, payload, settled=True)
             return
-        self._send_reply(payload, 0)
+        self._send_reply(payload, 0, route)
 
     # A reply's resends are callbacks, not a task: a task per reply is a server's dearest part of a call.
-    def _send_reply(self, payload: bytes, attempt: int) -> None:
+    def _send_reply(self, payload: bytes, attempt: int, route: tuple[str, wire.MessageId] | None) -> None:
         if self._closed:
             return
         sent = self.connection.send(None, payload)
-        sent.add_done_callback(functools.partial(self._replied, payload, attempt))
+        sent.add_done_callback(functools.partial(self._replied, payload, attempt, route))
 
-    def _replied(self, payload: bytes, attempt: int, sent: asyncio.Future[Outcome]) -> None:
+    def _replied(
+        self,
+        payload: bytes,
+        attempt: int,
+        route: tuple[str, wire.MessageId] | None,
+        sent: asyncio.Future[Outcome],
+    ) -> None:
         error = sent.exception()
-        if error is None and sent.result().state in (ACCEPTED, REJECTED):
-            return
-        if error is not None and not isinstance(error, OutcomeUnknown):
+        if error is None:
+            outcome = sent.result()
+            if outcome.state == REJECTED:
+                self._reply_refused(outcome, route)
+            if outcome.state in (ACCEPTED, REJECTED):
+                return
+        elif not isinstance(error, OutcomeUnknown):
             return  # the connection is closed
         if attempt == REPLY_RESENDS:
             log.debug("a reply was given back %d times; its caller is gone", REPLY_RESENDS + 1)
             return
         delay = min(RESEND_DELAY * 2**attempt, MAX_RESEND_DELAY)
-        asyncio.get_running_loop().call_later(delay, self._send_reply, payload, attempt + 1)
+        asyncio.get_running_loop().call_later(delay, self._send_reply, payload, attempt + 1, route)
+
+    def _reply_refused(self, outcome: Outcome, route: tuple[str, wire.MessageId] | None) -> None:
+        why = f"the router refused the server's reply: it was {describe_outcome(outcome)}"
+        if route is None:
+            log.warning("%s", why)
+            return
+        log.warning("%s; its caller at %s is told", why, route[0])
+        failure = wire.serialize_exception(MessageDeliveryFailure(why))
+        self._send_reply(wire.encode_reply(*route, failure=failure), 0, None)
 
     # -- replies ------------------------------------------------------------------------------------------
 

@@ -511,5 +511,5 @@ class _RpcIncoming(base.RpcIncomingMessage):  # type: ignore[misc]  # oslo is un
     def _replied(self, payload: bytes | None) -> None:
         """On the I/O thread: send the reply, give the request's credit back."""
         if payload is not None:
-            self.transport.aio.reply(payload)
+            self.transport.aio.reply(payload, route=self._route)
         self.raw.finished()

@@ -20,6 +20,16 @@ from meshbus.config import ConfigError, ListenerConfig, LogLevel, RouterConfig, 
 from meshbus.users import UserDatabase, UsersError, add_user, remove_user
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Control characters a peer put in what the log quotes (a container id, an address, a user name), escaped:
+# a line break in one would otherwise start a line the peer wrote.
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Each record on one line, whatever its arguments hold (a traceback after it keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_ESCAPES)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,10 +124,10 @@ def _store(args: argparse.Namespace) -> int:
 def _run(config: RouterConfig, log_level: LogLevel | None) -> int:
     if log_level:
         config.router.log_level = log_level
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter(LOG_FORMAT))
     logging.basicConfig(
-        level=logging.getLevelNamesMapping()[config.router.log_level.upper()],
-        format=LOG_FORMAT,
-        stream=sys.stderr,
+        level=logging.getLevelNamesMapping()[config.router.log_level.upper()], handlers=[handler]
     )
     # Imported here: the server loads proton's C library, which the users commands do not need.
     from meshbus.amqp.server import run

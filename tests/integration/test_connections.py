@@ -371,6 +371,39 @@ def test_a_wrong_protocol_header_is_answered_with_a_supported_one_then_closed(
     assert re.search(r"protocol header", closed_line(default_router, peer))
 
 
+def test_control_characters_a_peer_sends_are_escaped_in_the_routers_log(
+    default_router: Router, raw_peer: RawPeers
+) -> None:
+    peer = raw_peer(default_router)
+    peer.connection.container = "evil\n2026-01-01 00:00:00,000 INFO meshbus.router: forged"
+    peer.open()
+    line = default_router.wait_for_log(r"connection opened: .* container=evil.*", timeout=5)
+    assert line is not None, "no 'connection opened' line for the peer"
+    assert line.group(0).split(" container=")[1].startswith("evil\\x0a2026-01-01 00:00:00,000 INFO")
+    assert default_router.wait_for_log(r"^2026-01-01", timeout=0.1) is None, "the peer wrote a log line"
+
+
+def test_a_peer_that_takes_fewer_links_than_it_attaches_is_dropped_saying_why(
+    default_router: Router, raw_peer: RawPeers
+) -> None:
+    # Its begin allows one link (handle-max 0), then it attaches two: proton cannot answer the second and
+    # makes no more output for the connection, which the router must then drop rather than keep.
+    peer = raw_peer(default_router)
+    peer.connection.open()
+    session = peer.connection.session()
+    session.open()
+    for n in range(2):
+        sender = session.sender(f"sender-{n}")
+        sender.target.address = unique("test/handles")
+        sender.open()
+    frames = peer.output()
+    begin = frames.index(b"\x00\x53\x11")  # the begin performative; its last field is handle-max
+    handle_max = frames.index(b"\x70\x7f\xff\xff\xff", begin + 14)
+    peer.send(frames[:handle_max] + b"\x70\x00\x00\x00\x00" + frames[handle_max + 5 :])
+    assert peer.read_until_closed(timeout=5), "the router kept a connection proton could no longer serve"
+    assert "unable to find an open available handle" in closed_line(default_router, peer)
+
+
 def test_a_peer_that_never_reads_is_closed_and_the_others_carry_on(
     router: Callable[[Config], Router], raw_peer: RawPeers
 ) -> None:

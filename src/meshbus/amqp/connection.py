@@ -29,6 +29,7 @@ from meshbus.amqp.pn import (
     pn_transport_set_idle_timeout,
     pn_transport_set_max_frame,
     pn_transport_set_server,
+    pn_transport_set_tracer,
 )
 from meshbus.amqp.sasl import SaslError, SaslServer, SaslState
 from meshbus.config import ListenerConfig
@@ -75,6 +76,7 @@ class AmqpConnection:
         self.unflushed = 0  # payload bytes handed to proton since the last flush
         self.blocked = False  # its consumer links are held back (see WRITE_HIGH_WATER)
         self.reason: str | None = None
+        self.proton_said: str | None = None  # proton's last report of it (see Engine.proton_says)
         self.verifying = False  # a password check is running off the event loop
         self.freed = False
 
@@ -87,6 +89,7 @@ class AmqpConnection:
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.transport = pn_transport()
+        pn_transport_set_tracer(self.transport, self.engine.proton_tracer)
         if self.outgoing:
             pn_sasl_allowed_mechs(pn_sasl(self.transport), b"ANONYMOUS")
         else:

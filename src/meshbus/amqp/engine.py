@@ -204,6 +204,8 @@ class Engine:
         self._buffer = ffi.new("char[]", _BUFFER_SIZE)  # shared by every read and write: one thread
         self._tag = ffi.new("uint64_t[1]")
         self._tag_bytes = (8, ffi.cast("char *", self._tag))  # a pn_bytes_t over the counter
+        # Proton's reports of a connection go to `proton_says` (kept: a cffi callback must outlive its use).
+        self.proton_tracer: CData = ffi.callback("pn_tracer_t", self.proton_says)
         self._handlers: dict[int, Callable[[CData], None]] = {
             PN_CONNECTION_REMOTE_OPEN: self._on_connection_open,
             PN_CONNECTION_REMOTE_CLOSE: self._on_connection_close,
@@ -230,6 +232,21 @@ class Engine:
         pn.put_symbol_array(pn_connection_offered_capabilities(connection), ["ANONYMOUS-RELAY"])
         self.by_connection[connection] = conn
         return connection
+
+    def proton_says(self, transport: CData, message: CData) -> None:
+        """What proton reports of a connection (its warnings and errors; with PN_TRACE_FRM=1, every frame):
+        into the router's log, with the peer, rather than onto stderr. After a "process error" proton makes no
+        more output for the connection (its peer asked for what proton cannot do, such as more links than its
+        begin allows): the connection is dropped, with proton's report before the error as the reason."""
+        conn = self.by_connection.get(pn_transport_connection(transport))
+        text = ffi.string(message).decode(errors="replace")
+        log.warning("connection error: peer=%s proton: %s", "?" if conn is None else conn.peer, text)
+        if conn is None:
+            return
+        if "process error" in text:
+            self.abort(conn, "amqp:internal-error", conn.proton_said or text)
+        else:
+            conn.proton_said = text
 
     def open_outgoing(self, conn: AmqpConnection) -> None:
         """A connection this router made: it speaks first."""

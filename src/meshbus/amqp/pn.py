@@ -119,6 +119,7 @@ pn_transport_require_auth: Final = lib.pn_transport_require_auth
 pn_transport_set_idle_timeout: Final = lib.pn_transport_set_idle_timeout
 pn_transport_set_max_frame: Final = lib.pn_transport_set_max_frame
 pn_transport_set_server: Final = lib.pn_transport_set_server
+pn_transport_set_tracer: Final = lib.pn_transport_set_tracer
 pn_transport_tick: Final = lib.pn_transport_tick
 pn_transport_unbind: Final = lib.pn_transport_unbind
 

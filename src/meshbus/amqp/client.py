@@ -493,6 +493,7 @@ class ClientConnection:
             receiver._detached()
         lib.pn_transport_unbind(self._transport)
         lib.pn_connection_release(self._connection)
+        lib.pn_decref(self._connection)  # pn_connection()'s own reference: release alone leaves it allocated
         lib.pn_decref(self._transport)
         lib.pn_collector_free(self._collector)
         self._connection = self._transport = self._collector = ffi.NULL

@@ -388,7 +388,10 @@ class Engine:
         if conn.transport:
             pn_transport_unbind(conn.transport)
             pn_decref(conn.transport)
+            # Release ends the connection's endpoints; the reference pn_connection() gave is dropped apart
+            # (without it, every connection's objects stayed allocated: 1.5-9 KiB each).
             pn_connection_release(conn.connection)
+            pn_decref(conn.connection)
             conn.transport = conn.connection = ffi.NULL
 
     def close_all(self) -> None:

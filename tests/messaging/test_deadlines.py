@@ -1,4 +1,5 @@
-"""Deadlines on a clock driven by hand: when waits expire, and that discarded ones never do."""
+"""Deadlines on a clock driven by hand: when waits expire, that discarded ones never do, and that closing
+tells every wait left."""
 
 from __future__ import annotations
 
@@ -36,9 +37,13 @@ class Clock:
 class Wait:
     def __init__(self, expired: list[Wait]) -> None:
         self._expired = expired
+        self.told_closed = False
 
     def expired(self) -> None:
         self._expired.append(self)
+
+    def closed(self) -> None:
+        self.told_closed = True
 
 
 @pytest.fixture
@@ -101,4 +106,18 @@ def test_an_infinite_time_out_never_expires(clock: Clock, deadlines: Deadlines) 
     deadlines.add(wait, math.inf)
     assert clock.timers == []
     clock.advance(1e9)
+    assert expired == []
+
+
+def test_closing_tells_every_wait_left_infinite_ones_too_and_none_expires_after(
+    clock: Clock, deadlines: Deadlines
+) -> None:
+    expired: list[Wait] = []
+    soon, never, discarded = Wait(expired), Wait(expired), Wait(expired)
+    deadlines.add(soon, 1.0)
+    deadlines.add(never, math.inf)
+    deadlines.discard(discarded, deadlines.add(discarded, 1.0))
+    deadlines.close()
+    assert (soon.told_closed, never.told_closed, discarded.told_closed) == (True, True, False)
+    clock.advance(2.0)
     assert expired == []

@@ -20,6 +20,7 @@ import pytest
 from meshbus.amqp.client import IncomingMessage
 from meshbus.messaging import (
     AsyncRPCClient,
+    ClientError,
     LinkRefused,
     MessageDeliveryFailure,
     MessageUndeliverable,
@@ -146,6 +147,42 @@ def test_a_closed_blocking_transport_says_so(blocking: BlockingApi, topic: str) 
     transport.close()
     with pytest.raises(MessagingError, match="the transport is closed"):
         client.call({}, "echo", value=2)
+
+
+class Slow:
+    def echo(self, ctxt: Any, value: Any) -> Any:
+        time.sleep(0.005)
+        return value
+
+
+def call_until_closed(client: Any, errors: queue.SimpleQueue[BaseException]) -> None:
+    while True:
+        try:
+            client.call({}, "echo", value=1)
+        except (MessagingError, ClientError) as error:  # (OutcomeUnknown: the server had taken the call)
+            errors.put(error)
+            return
+
+
+def test_closing_a_transport_ends_every_call_of_the_threads_using_it(
+    blocking: BlockingApi, topic: str
+) -> None:
+    blocking.server(blocking.transport(), Target(topic=topic, server="s"), [Slow()])
+    for _ in range(5):  # each close meets calls at another stage: queued, sent, taken
+        transport = blocking.transport()
+        client = blocking.client(transport, Target(topic=topic), timeout=WAIT)
+        errors: queue.SimpleQueue[BaseException] = queue.SimpleQueue()
+        threads = [threading.Thread(target=call_until_closed, args=(client, errors)) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.2)
+        transport.close()
+        for thread in threads:
+            thread.join(WAIT)
+        assert not [thread for thread in threads if thread.is_alive()], "calls still waiting after close"
+        for _ in threads:
+            error = errors.get_nowait()
+            assert re.search(r"the transport (was|is) closed|the connection dropped \(closed by", str(error))
 
 
 def test_a_reply_given_back_is_resent_until_its_caller_is_there(blocking: BlockingApi, topic: str) -> None:

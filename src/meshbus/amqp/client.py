@@ -392,6 +392,7 @@ class ClientConnection:
         if self._closing:
             return
         self._closing = True
+        self.last_error = "closed by the application"  # whichever end then closes the socket
         if self._connection != ffi.NULL and self._socket is not None:
             lib.pn_connection_close(self._connection)
             self._flush()

@@ -368,6 +368,10 @@ class _PendingCall:
             stage = "no reply" if self.taken else "no server took the request"
             self.reply.set_exception(_late(self.address, stage, self.timeout, self.offline))
 
+    def closed(self) -> None:
+        if not self.reply.done():
+            self.reply.set_exception(_closed(self.address, "before a server took the call"))
+
     def _check_heard(self) -> None:
         assert self.monitor is not None
         silence = time.monotonic() - self.heard
@@ -388,6 +392,10 @@ class _PendingCall:
 
 
 Offline = Callable[[], str | None]  # why a transport has no connection now, or None while it has one
+
+
+def _closed(address: str, when: str) -> MessagingError:
+    return MessagingError(f"{address}: the transport was closed {when}")
 
 
 def _late(address: str, what: str, timeout: float, offline: Offline) -> MessagingTimeout:
@@ -467,6 +475,9 @@ class _Cast:
 
     def expired(self) -> None:
         self._end(_late(self.address, "not taken", self.timeout, self.offline))
+
+    def closed(self) -> None:
+        self._end(_closed(self.address, "before the message was taken"))
 
     def _end(self, error: BaseException | None) -> None:
         if self.ended:
@@ -643,6 +654,11 @@ class AsyncTransport:
         if self._replies is not None:
             self._replies.close()
         await self.connection.close()
+        self._deadlines.close()  # what is still in flight: no outcome or reply can come now
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MessagingError("the transport is closed")
 
     # -- delivery: started on the loop, each returns the future its caller waits on ---------------------
 
@@ -661,6 +677,7 @@ class AsyncTransport:
         took the request has sent no heartbeat for that long), `MessageUndeliverable` at once when nobody
         serves `address`, and `OutcomeUnknown` when the connection drops after the server took the request.
         Cancelling it gives the call up."""
+        self._check_open()
         message_id = f"{self._id_prefix}{next(self._ids)}"
         reply: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         pending = self._calls[message_id] = _PendingCall(
@@ -712,6 +729,7 @@ class AsyncTransport:
     def _start_cast(
         self, address: str, payload: bytes, at_least_once: bool, timeout: float, retry: int | None
     ) -> _Cast:
+        self._check_open()
         cast = _Cast(self._deadlines, self._offline, address, timeout)
         self._send_cast(cast, payload, at_least_once, retry)
         return cast
@@ -735,6 +753,7 @@ class AsyncTransport:
     def _post_now(
         self, address: str, payload: bytes, at_least_once: bool, timeout: float, retry: int | None
     ) -> None:
+        self._check_open()
         self._send_cast(self._backlog.post(address, timeout), payload, at_least_once, retry)
 
     async def flush(self) -> None:
@@ -945,7 +964,14 @@ class Transport:
         One wake for all that is queued until the loop looks. Raises `MessagingError` once closed."""
         if self._unusable is not None:
             raise MessagingError(self._unusable)
-        self._inbox.append((callback, args))
+        item = (callback, args)
+        self._inbox.append(item)
+        if self._unusable is not None:  # closed meanwhile: its last turn may have looked already
+            try:
+                self._inbox.remove(item)
+            except ValueError:  # it had not: the item runs there
+                return
+            raise MessagingError(self._unusable)
         if not self._inbox_woken:
             self._inbox_woken = True
             self._inbox_wakeup.wake()
@@ -1017,11 +1043,17 @@ class Transport:
             return
         self.run(self.aio.close())
         self._unusable = "the transport is closed"
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.loop.call_soon_threadsafe(self._last_turn)
         self._thread.join()
         self.loop.remove_reader(self._inbox_wakeup.fd)
         self._inbox_wakeup.close()
         self.loop.close()
+
+    def _last_turn(self) -> None:
+        """On the loop, once closed: run what other threads queued before they could see it closed (each
+        fails at once, as the transport is), then stop once the callbacks that tell them have run."""
+        self._take_inbox()
+        self.loop.call_soon(self.loop.call_soon, self.loop.stop)
 
     def _forked(self) -> None:
         self._unusable = (

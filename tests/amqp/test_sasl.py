@@ -6,6 +6,8 @@ import struct
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from proton import SASL, Connection, Data, Described, Transport, symbol
 
 from meshbus.amqp.sasl import AMQP_HEADER, SASL_HEADER, SaslError, SaslServer, SaslState
@@ -254,3 +256,40 @@ def test_take_remaining_before_the_end_of_sasl_is_an_error() -> None:
 def test_unsupported_mechanism_configuration_is_refused(mechanisms: tuple[str, ...]) -> None:
     with pytest.raises(ValueError, match="give one or more of ANONYMOUS, PLAIN"):
         SaslServer(mechanisms, allow_no_sasl=False)
+
+
+@st.composite
+def mangled_openings(draw: st.DrawFn) -> bytes:
+    """A client's SASL opening (header, sasl-init, AMQP header) with bytes changed, added or cut."""
+    data = bytearray(take_output(client(draw(st.sampled_from(BOTH)))))
+    for _ in range(draw(st.integers(1, 6))):
+        at = draw(st.integers(0, len(data)))
+        change = draw(st.sampled_from(["byte", "insert", "cut", "size"]))
+        if change == "byte" and at < len(data):
+            data[at] = draw(st.integers(0, 255))
+        elif change == "insert":
+            data[at:at] = draw(st.binary(max_size=16))
+        elif change == "cut":
+            del data[at : at + draw(st.integers(1, 16))]
+        else:  # a frame size, or any 4 bytes, at an extreme
+            data[at : at + 4] = draw(
+                st.sampled_from([b"\xff" * 4, b"\0" * 4, b"\0\0\0\x08", b"\x7f\xff\xff\xff"])
+            )
+    return bytes(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(mangled_openings(), st.integers(1, 64), st.booleans(), st.booleans())
+def test_whatever_an_unauthenticated_peer_sends_ends_in_a_sasl_error_at_worst(
+    data: bytes, chunk: int, allow_no_sasl: bool, password_ok: bool
+) -> None:
+    # (20,000 examples passed once.)
+    server = SaslServer(BOTH, allow_no_sasl=allow_no_sasl)
+    try:
+        for start in range(0, len(data), chunk):
+            server.receive(data[start : start + chunk])
+            server.data_to_send()
+            if server.state is SaslState.VERIFYING:
+                server.verified(password_ok)
+    except SaslError:
+        assert server.state is SaslState.FAILED

@@ -240,7 +240,7 @@ class Engine:
         begin allows): the connection is dropped, with proton's report before the error as the reason."""
         conn = self.by_connection.get(pn_transport_connection(transport))
         text = ffi.string(message).decode(errors="replace")
-        log.warning("connection error: peer=%s proton: %s", "?" if conn is None else conn.peer, text)
+        log.warning("proton: peer=%s %s", "?" if conn is None else conn.peer, text)
         if conn is None:
             return
         if "process error" in text:

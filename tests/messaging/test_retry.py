@@ -107,13 +107,19 @@ def test_a_request_handed_to_a_connection_no_longer_counts_that_connections_atte
     assert not caller.done()
 
 
-def test_a_drop_counted_by_a_resend_is_not_counted_again_while_it_waits() -> None:
+def written_then_dropped(retry: int) -> tuple[Connection, Caller]:
+    """A request written on an open connection, which then drops: its outcome is unknown."""
     connection = Connection()
     connection.open()
-    delivery, caller = request(connection, retry=1)
+    delivery, caller = request(connection, retry)
     delivery.send()
     connection.fail()
     delivery.set_exception(OutcomeUnknown("the connection dropped"))  # the drop, as the connection tells it
+    return connection, caller
+
+
+def test_a_drop_counted_by_a_resend_is_not_counted_again_while_it_waits() -> None:
+    connection, caller = written_then_dropped(retry=1)
     assert not caller.done()
     resend(connection)  # waits for a connection: the drop was counted once, one attempt is left to fail
     assert not caller.done()
@@ -122,12 +128,7 @@ def test_a_drop_counted_by_a_resend_is_not_counted_again_while_it_waits() -> Non
 
 
 def test_an_unknown_outcome_past_the_budget_says_the_resends_were_spent() -> None:
-    connection = Connection()
-    connection.open()
-    delivery, caller = request(connection, retry=0)
-    delivery.send()
-    connection.fail()
-    delivery.set_exception(OutcomeUnknown("the connection dropped"))
+    _, caller = written_then_dropped(retry=0)
     assert isinstance(failure(caller), MessagingError)
     assert str(caller.error).endswith("gave up after 0 resends")
 

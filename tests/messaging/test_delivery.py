@@ -182,7 +182,9 @@ def test_closing_a_transport_ends_every_call_of_the_threads_using_it(
         assert not [thread for thread in threads if thread.is_alive()], "calls still waiting after close"
         for _ in threads:
             error = errors.get_nowait()
-            assert re.search(r"the transport (was|is) closed|the connection dropped \(closed by", str(error))
+            assert re.search(
+                r"the transport (was|is) closed|the connection dropped \(closed by the app", str(error)
+            )
 
 
 def test_a_reply_given_back_is_resent_until_its_caller_is_there(blocking: BlockingApi, topic: str) -> None:

@@ -54,6 +54,10 @@ class ClientError(Exception):
     """Base of the errors this module raises."""
 
 
+class ConnectionClosed(ClientError):
+    """The application closed the connection: the message was not sent."""
+
+
 class OutcomeUnknown(ClientError):
     """The connection dropped after the message was written and before its outcome came back."""
 
@@ -369,7 +373,7 @@ class ClientConnection:
         true before the message is written gave it up: it is never written.)"""
         sink: OutcomeSink = self._loop.create_future() if outcome is None else outcome
         if self._closing:
-            _tell(sink, ClientError("the connection is closed"))
+            _tell(sink, ConnectionClosed("the connection is closed"))
             return sink
         item = _Send(address, payload, settled, sink)
         if self._queue or not self._write(item):
@@ -402,7 +406,7 @@ class ClientConnection:
         with contextlib.suppress(asyncio.CancelledError):
             await self._supervisor
         self._drop_connection("closed by the application")
-        error = ClientError("the connection was closed before this message was sent")
+        error = ConnectionClosed("the connection was closed before this message was sent")
         while self._queue:
             _tell(self._queue.popleft().sink, error)
 

@@ -34,6 +34,7 @@ from meshbus.amqp.client import (
     MODIFIED,
     REJECTED,
     ClientConnection,
+    ConnectionClosed,
     Host,
     IncomingMessage,
     Options,
@@ -229,8 +230,10 @@ class _Delivery:
     def set_exception(self, error: BaseException) -> None:
         if self.caller.done():
             return
-        if not isinstance(error, OutcomeUnknown):
-            self.caller.set_exception(error)  # the connection is closed
+        if isinstance(error, ConnectionClosed):
+            self.caller.set_exception(_closed(self.address))
+        elif not isinstance(error, OutcomeUnknown):
+            self.caller.set_exception(error)
         elif self.count_outage():
             self._resend()
         else:
@@ -370,7 +373,7 @@ class _PendingCall:
 
     def closed(self) -> None:
         if not self.reply.done():
-            self.reply.set_exception(_closed(self.address, "before a server took the call"))
+            self.reply.set_exception(_closed(self.address))
 
     def _check_heard(self) -> None:
         assert self.monitor is not None
@@ -394,8 +397,8 @@ class _PendingCall:
 Offline = Callable[[], str | None]  # why a transport has no connection now, or None while it has one
 
 
-def _closed(address: str, when: str) -> MessagingError:
-    return MessagingError(f"{address}: the transport was closed {when}")
+def _closed(address: str) -> MessagingError:
+    return MessagingError(f"{address}: the transport was closed before the request was taken")
 
 
 def _late(address: str, what: str, timeout: float, offline: Offline) -> MessagingTimeout:
@@ -477,7 +480,7 @@ class _Cast:
         self._end(_late(self.address, "not taken", self.timeout, self.offline))
 
     def closed(self) -> None:
-        self._end(_closed(self.address, "before the message was taken"))
+        self._end(_closed(self.address))
 
     def _end(self, error: BaseException | None) -> None:
         if self.ended:

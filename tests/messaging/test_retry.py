@@ -23,6 +23,7 @@ class Connection:
         self.failed_attempts = 0
         self.opens = 0
         self.on_lost: list[Callable[[str], None]] = []
+        self.on_opened: list[Callable[[], None]] = []
         self.sent: list[_Delivery] = []
         self.later: list[Callable[[], None]] = []  # resends, run when the test says
 
@@ -38,6 +39,8 @@ class Connection:
 
     def open(self) -> None:
         self.connected, self.failed_attempts, self.opens = True, 0, self.opens + 1
+        for callback in self.on_opened:
+            callback()
 
     def fail(self) -> None:
         """A connection dropped, or an attempt to make one failed."""
@@ -103,6 +106,7 @@ def test_a_request_handed_to_a_connection_no_longer_counts_that_connections_atte
     delivery, caller = request(connection, retry=0)
     delivery.send()  # queued by the connection, and written once it is open
     connection.open()
+    assert not delivery.waits._waiting, "a request handed to the connection is still held"
     connection.fail()
     assert not caller.done()
 

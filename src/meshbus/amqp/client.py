@@ -331,8 +331,9 @@ class ClientConnection:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._closing = False
         self.connected_to: Host | None = None
-        # Called with the reason when a connection drops or an attempt to make one fails.
+        # Called with the reason when a connection drops or an attempt to make one fails; and once one opens.
         self.on_lost: list[Callable[[str], None]] = []
+        self.on_opened: list[Callable[[], None]] = []
         self.last_error: str | None = None
         self.failed_attempts = 0  # connections dropped or not made since one was last open
         self.opens = 0  # connections made so far
@@ -473,6 +474,8 @@ class ClientConnection:
         self._opened.set()
         self._drain_queue()
         self._flush()
+        for callback in self.on_opened:
+            callback()
 
     def _drop_connection(self, reason: str) -> None:
         """Forget the current connection's engine objects; fail what was in flight on it. Once per connection

@@ -292,22 +292,22 @@ class _ConnectionWaits:
     def __init__(self, connection: ClientConnection, offline: Offline) -> None:
         self.connection = connection
         self.offline = offline
-        self._waiting: dict[_Delivery, int] = {}  # -> the connection's `opens` when it began to wait
+        self._waiting: dict[_Delivery, None] = {}
         connection.on_lost.append(self._lost)
+        # What waited is handed to the connection that opens: it fails or is resent as that connection's.
+        connection.on_opened.append(self._waiting.clear)
 
     def add(self, delivery: _Delivery) -> bool:
         """Have `delivery` wait for a connection; False if it has failed instead."""
         if not delivery.count_outage():
             self._fail(delivery)
             return False
-        self._waiting[delivery] = self.connection.opens
+        self._waiting[delivery] = None
         return True
 
     def _lost(self, reason: str) -> None:
-        opens = self.connection.opens
-        for delivery, since in list(self._waiting.items()):
-            # A request handed to a connection since is that connection's: it failed or is resent as such.
-            if since != opens or delivery.done():
+        for delivery in list(self._waiting):
+            if delivery.done():
                 del self._waiting[delivery]
             elif not delivery.count_outage():
                 del self._waiting[delivery]

@@ -344,6 +344,9 @@ class RawPeer:
         self.connection.container = "meshbus-test-raw-peer"
         self.transport.bind(self.connection)
         self.received = bytearray()
+        # Where the router's log stood before this connection (see `Router.mark`): an earlier connection
+        # from the same port, the port since reused, logged its lines before it.
+        self.log_since = 0
 
     def subscribe(self, address: str, credit: int) -> None:
         """Have `open()` also attach a receiving link on `address` with this much credit."""

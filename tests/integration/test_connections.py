@@ -47,7 +47,9 @@ def raw_peer() -> Iterator[RawPeers]:
     peers: list[RawPeer] = []
 
     def connect(router: Router, **options: Any) -> RawPeer:
+        since = router.mark()
         peers.append(RawPeer(router.host, router.port, **options))
+        peers[-1].log_since = since
         return peers[-1]
 
     yield connect
@@ -58,7 +60,7 @@ def raw_peer() -> Iterator[RawPeers]:
 def closed_line(router: Router, peer: RawPeer, timeout: float = 5.0) -> str:
     """The router's log line saying why it closed this peer's connection."""
     port = peer.socket.getsockname()[1]
-    found = router.wait_for_log(rf"connection closed: peer=127\.0\.0\.1:{port} .*", timeout)
+    found = router.wait_for_log(rf"connection closed: peer=127\.0\.0\.1:{port} .*", timeout, peer.log_since)
     assert found is not None, f"no 'connection closed' line for the peer on port {port}"
     return found.group(0)
 

@@ -174,21 +174,26 @@ class _Call(Generic[T]):
         self.task.cancel()
 
 
-def run(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run `coroutine` on `loop` (another OS thread's) and return its result; meanwhile the calling green
-    thread's hub runs the other green threads."""
+def run(call_soon: Callable[..., object], coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run `coroutine` on the loop of another OS thread, which `call_soon(callback)` hands callbacks to
+    (its transport's way, so that what is queued as it closes still runs), and return its result; meanwhile
+    the calling green thread's hub runs the other green threads."""
     from eventlet.hubs import trampoline
 
     call = _Call(coroutine)
     try:
-        loop.call_soon_threadsafe(call.start)
-    except BaseException:  # the loop is closed
+        call_soon(call.start)
+    except BaseException:  # closed: the coroutine never starts
         os.close(call.wakeup)
+        coroutine.close()
         raise
     try:
         trampoline(call.wakeup, read=True)
     except BaseException:
-        loop.call_soon_threadsafe(call.abandon)
+        # Closed meanwhile: then the loop runs nothing more, and the eventfd stays open rather than risk
+        # a late write into a descriptor reused since.
+        with contextlib.suppress(Exception):
+            call_soon(call.abandon)
         raise
     os.close(call.wakeup)
     assert call.task is not None

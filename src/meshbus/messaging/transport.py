@@ -954,9 +954,7 @@ class Transport:
         returns (from any thread but the loop's). What needs no task of its own starts this way: a call, a
         cast."""
         if self._green:
-            if self._unusable is not None:
-                raise MessagingError(self._unusable)
-            return green.run(self.loop, _awaiting(start, args))
+            return green.run(self.call_soon_threadsafe, _awaiting(start, args))
         waiter: _Waiter[T] = _Waiter()  # not _Waiter[T](): a generic alias per call costs 1 us
         self.call_soon_threadsafe(self._start, start, args, waiter)
         return waiter.wait()

@@ -253,7 +253,7 @@ class _Delivery:
             )
         elif outcome.state == MODIFIED and not outcome.undeliverable_here:
             self.failed += 1
-            if self.retry is not None and self.failed > self.retry:
+            if not self._within_retry():
                 caller.set_exception(
                     MessageDeliveryFailure(
                         f"{self.address}: delivery failed {self.failed} times ({self.retry} resends)"
@@ -277,6 +277,9 @@ class _Delivery:
             new -= self.outage_failures
         self.outage, self.outage_failures = connection.opens, connection.failed_attempts
         self.failed += new
+        return self._within_retry()
+
+    def _within_retry(self) -> bool:
         return self.retry is None or self.failed <= self.retry
 
     def _resend(self) -> None:

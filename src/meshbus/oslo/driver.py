@@ -71,8 +71,6 @@ OPTIONS: Final = [
         help="Seconds a cast or a notification may wait for a server or listener to take it.",
     ),
 ]
-
-
 # Seconds a new server or listener waits for the router to confirm its subscriptions.
 SUBSCRIBE_TIMEOUT: Final = 60.0
 
